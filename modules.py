@@ -1,0 +1,309 @@
+"""The VQ-VAE: encoder, vector quantizer, decoder, and the Keras model that trains them.
+
+Shapes use B for batch, H x W for the image, h x w for the latent grid (H / downsample),
+D for the code dimension and K for the codebook size. Images are float32 in [0, 1].
+
+    images (B, H, W, 1) -> Encoder -> z_e (B, h, w, D) -> VectorQuantizer -> z_q (B, h, w, D)
+                        -> Decoder -> reconstructions (B, H, W, 1)
+
+Every layer has `get_config` and is registered, so after `import modules`,
+`keras.models.load_model("out/best.keras")` rebuilds the model with its codebook state.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+PACKAGE = "vqvae"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResidualBlock(layers.Layer):
+    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))): keeps the shape (B, h, w, C)."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv3 = layers.Conv2D(filters, 3, padding="same", activation="relu")
+        self.conv1 = layers.Conv2D(filters, 1)
+
+    def call(self, x):
+        return x + self.conv1(self.conv3(ops.relu(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+def stage_widths(width, downsample):
+    """Channels per resolution stage, finest first: width=64, downsample=8 -> [16, 32, 64]."""
+    stages = int(math.log2(downsample))
+    if 2**stages != downsample or stages < 1:
+        raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
+    return [max(width // 2 ** (stages - 1 - i), 8) for i in range(stages)]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Encoder(layers.Layer):
+    """(B, H, W, 1) -> (B, H/downsample, W/downsample, code_dim).
+
+    One stride-2 3x3 convolution per halving, residual blocks at the latent resolution, and a
+    1x1 projection to the code dimension (linear: the quantizer needs unconstrained vectors).
+    """
+
+    def __init__(self, downsample=4, width=64, res_blocks=1, code_dim=32, **kwargs):
+        super().__init__(**kwargs)
+        self.downsample, self.width = downsample, width
+        self.res_blocks, self.code_dim = res_blocks, code_dim
+        self.steps = [
+            layers.Conv2D(c, 3, strides=2, padding="same", activation="relu")
+            for c in stage_widths(width, downsample)
+        ]
+        self.steps += [ResidualBlock(width) for _ in range(res_blocks)]
+        self.project = layers.Conv2D(code_dim, 1)
+
+    def call(self, x):
+        for step in self.steps:
+            x = step(x)
+        return self.project(ops.relu(x) if self.res_blocks else x)
+
+    def get_config(self):
+        return {**super().get_config(), "downsample": self.downsample, "width": self.width,
+                "res_blocks": self.res_blocks, "code_dim": self.code_dim}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Decoder(layers.Layer):
+    """(B, h, w, code_dim) -> (B, h*downsample, w*downsample, 1), the mirror of the Encoder.
+
+    The output is linear (not squashed by a sigmoid) and kept in float32 under mixed precision;
+    `VQVAE.call` clips it to [0, 1].
+    """
+
+    def __init__(self, downsample=4, width=64, res_blocks=1, **kwargs):
+        super().__init__(**kwargs)
+        self.downsample, self.width, self.res_blocks = downsample, width, res_blocks
+        self.steps = [layers.Conv2D(width, 3, padding="same", activation="relu")]
+        self.steps += [ResidualBlock(width) for _ in range(res_blocks)]
+        self.steps += [
+            layers.Conv2DTranspose(c, 3, strides=2, padding="same", activation="relu")
+            for c in reversed(stage_widths(width, downsample))
+        ]
+        self.to_image = layers.Conv2D(1, 3, padding="same", dtype="float32")
+
+    def call(self, z):
+        for step in self.steps:
+            z = step(z)
+        return self.to_image(z)
+
+    def get_config(self):
+        return {**super().get_config(), "downsample": self.downsample, "width": self.width,
+                "res_blocks": self.res_blocks}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VectorQuantizer(layers.Layer):
+    """Snaps each D-dim vector of z_e to its nearest codebook row e_k (always float32).
+
+    Forward:  k* = argmin_k ||z - e_k||^2,   z_q = e_{k*}
+    Gradient: straight through, z_q_st = z + stop_gradient(z_q - z), so dL/dz = dL/dz_q.
+    Loss:     beta * ||z - sg(z_q)||^2 (commitment), plus ||sg(z) - z_q||^2 when the codebook is
+              learned by gradient (use_ema=False).
+
+    With use_ema=True (default) the codebook is not trained by gradient; each training step
+    moves it towards the mean of the vectors assigned to each code (van den Oord et al. 2017,
+    appendix A.1; Sonnet's VectorQuantizerEMA):
+        ema_count_k <- decay * ema_count_k + (1 - decay) * n_k            n_k: vectors assigned to k
+        ema_sum_k   <- decay * ema_sum_k   + (1 - decay) * sum_{z -> k} z
+        e_k         <- ema_sum_k / laplace(ema_count)_k
+    Laplace smoothing keeps rarely used codes from dividing by ~0.
+
+    Dead codes: `steps_unused_k` counts training steps since code k was last chosen; once it
+    reaches `dead_code_steps` the code is re-seeded with a random encoder output from the current
+    batch. The counters start at `dead_code_steps`, so the first step seeds every unchosen code
+    from data (a data-dependent initialisation for free).
+    """
+
+    def __init__(self, codebook_size=512, code_dim=32, beta=0.25, use_ema=True, ema_decay=0.99,
+                 dead_code_steps=100, epsilon=1e-5, seed=None, **kwargs):
+        kwargs["dtype"] = "float32"  # distances and EMA sums need full precision
+        super().__init__(**kwargs)
+        self.codebook_size, self.code_dim, self.beta = codebook_size, code_dim, beta
+        self.use_ema, self.ema_decay = use_ema, ema_decay
+        self.dead_code_steps, self.epsilon, self.seed = dead_code_steps, epsilon, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        K, D = self.codebook_size, self.code_dim
+        init = keras.initializers.VarianceScaling(scale=1.0, distribution="uniform", seed=self.seed)
+        self.codebook = self.add_weight(shape=(K, D), initializer=init, name="codebook",
+                                        trainable=not self.use_ema)
+        self.ema_count = self.add_weight(shape=(K,), initializer="ones", name="ema_count",
+                                         trainable=False)
+        self.ema_sum = self.add_weight(shape=(K, D), initializer="zeros", name="ema_sum",
+                                       trainable=False)
+        self.ema_sum.assign(self.codebook)  # with count 1, sum/count starts at the codebook
+        self.steps_unused = self.add_weight(shape=(K,), name="steps_unused", trainable=False,
+                                            initializer=keras.initializers.Constant(
+                                                float(self.dead_code_steps)))
+
+    def nearest_codes(self, z_e):
+        """(B, h, w, D) -> code indices (B, h, w) int32, by squared Euclidean distance."""
+        flat = ops.reshape(ops.cast(z_e, "float32"), (-1, self.code_dim))
+        distances = (ops.sum(flat**2, axis=1, keepdims=True)
+                     - 2.0 * ops.matmul(flat, ops.transpose(self.codebook))
+                     + ops.sum(self.codebook**2, axis=1)[None, :])
+        codes = ops.argmin(distances, axis=1)
+        return ops.cast(ops.reshape(codes, ops.shape(z_e)[:-1]), "int32")
+
+    def lookup(self, codes):
+        """Code indices (B, h, w) -> their vectors (B, h, w, D)."""
+        return ops.take(self.codebook, codes, axis=0)
+
+    def call(self, z_e, training=False):
+        """z_e (B, h, w, D) -> (z_q_st (B, h, w, D), codes (B, h, w), vq_loss scalar)."""
+        codes = self.nearest_codes(ops.stop_gradient(z_e))
+        if training and self.use_ema:
+            self._update_codebook(z_e, codes)
+        z_q = self.lookup(codes)
+        vq_loss = self.beta * ops.mean((z_e - ops.stop_gradient(z_q)) ** 2)
+        if not self.use_ema:
+            vq_loss += ops.mean((ops.stop_gradient(z_e) - z_q) ** 2)
+        z_q_st = z_e + ops.stop_gradient(z_q - z_e)
+        return z_q_st, codes, vq_loss
+
+    def _update_codebook(self, z_e, codes):
+        """One EMA step and dead-code restart; runs inside the train step, before lookup."""
+        K = self.codebook_size
+        flat = ops.stop_gradient(ops.reshape(z_e, (-1, self.code_dim)))
+        flat_codes = ops.reshape(codes, (-1,))
+        counts = ops.cast(ops.bincount(flat_codes, minlength=K), "float32")
+        sums = ops.segment_sum(flat, flat_codes, num_segments=K)
+        decay = self.ema_decay
+        self.ema_count.assign(decay * self.ema_count + (1 - decay) * counts)
+        self.ema_sum.assign(decay * self.ema_sum + (1 - decay) * sums)
+        total = ops.sum(self.ema_count)
+        smoothed = (self.ema_count + self.epsilon) / (total + K * self.epsilon) * total
+        self.codebook.assign(self.ema_sum / smoothed[:, None])
+        self._restart_dead_codes(flat, counts)
+
+    def _restart_dead_codes(self, flat, counts):
+        K = self.codebook_size
+        unused = ops.where(counts > 0, 0.0, self.steps_unused + 1.0)
+        dead = unused >= self.dead_code_steps
+        picks = keras.random.randint((K,), 0, ops.shape(flat)[0], seed=self.seed_generator)
+        fresh = ops.take(flat, picks, axis=0)
+        self.codebook.assign(ops.where(dead[:, None], fresh, self.codebook))
+        self.ema_sum.assign(ops.where(dead[:, None], fresh, self.ema_sum))
+        self.ema_count.assign(ops.where(dead, 1.0, self.ema_count))
+        self.steps_unused.assign(ops.where(dead, 0.0, unused))
+
+    def get_config(self):
+        return {**super().get_config(), "codebook_size": self.codebook_size,
+                "code_dim": self.code_dim, "beta": self.beta, "use_ema": self.use_ema,
+                "ema_decay": self.ema_decay, "dead_code_steps": self.dead_code_steps,
+                "epsilon": self.epsilon, "seed": self.seed}
+
+
+def code_statistics(codes, codebook_size):
+    """Perplexity exp(H(p)) of the code histogram and the fraction of codes used at least once."""
+    counts = ops.cast(ops.bincount(ops.reshape(codes, (-1,)), minlength=codebook_size), "float32")
+    probs = counts / ops.sum(counts)
+    entropy = -ops.sum(ops.where(probs > 0, probs * ops.log(ops.maximum(probs, 1e-12)), 0.0))
+    return ops.exp(entropy), ops.mean(ops.cast(counts > 0, "float32"))
+
+
+def image_quality(images, reconstructions):
+    """Per-image SSIM (11x11 Gaussian window, sigma 1.5, data range 1) and PSNR in dB: (B,), (B,)."""
+    ssim = tf.image.ssim(images, reconstructions, max_val=1.0, filter_size=11, filter_sigma=1.5)
+    return ssim, tf.image.psnr(images, reconstructions, max_val=1.0)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VQVAE(keras.Model):
+    """The whole autoencoder. `model(images)` returns reconstructions in [0, 1], same shape.
+
+    Training loss = reconstruction + VQ:
+        reconstruction = mean((x - x_hat)^2) / data_variance   (the variance of training pixels,
+                         so the term is ~1 for a model that predicts the mean and the commitment
+                         weight beta keeps the meaning it has in the paper)
+        vq             = beta * commitment (+ codebook loss without EMA)
+    """
+
+    def __init__(self, image_size=256, downsample=4, width=64, res_blocks=1, code_dim=32,
+                 codebook_size=512, beta=0.25, use_ema=True, ema_decay=0.99,
+                 dead_code_steps=100, data_variance=1.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.hparams = dict(image_size=image_size, downsample=downsample, width=width,
+                            res_blocks=res_blocks, code_dim=code_dim, codebook_size=codebook_size,
+                            beta=beta, use_ema=use_ema, ema_decay=ema_decay,
+                            dead_code_steps=dead_code_steps, data_variance=data_variance,
+                            seed=seed)
+        if image_size % downsample:
+            raise ValueError(f"image_size {image_size} is not divisible by downsample {downsample}")
+        self.codebook_size, self.data_variance = codebook_size, data_variance
+        self.encoder = Encoder(downsample, width, res_blocks, code_dim, name="encoder")
+        self.quantizer = VectorQuantizer(codebook_size, code_dim, beta, use_ema, ema_decay,
+                                         dead_code_steps, seed=seed, name="quantizer")
+        self.decoder = Decoder(downsample, width, res_blocks, name="decoder")
+        names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "codebook_usage",
+                 "ssim", "psnr"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self.build((None, image_size, image_size, 1))
+
+    def build(self, input_shape):
+        self.forward(ops.zeros((1, *input_shape[1:])))  # creates every weight once
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def forward(self, images, training=False):
+        """images (B, H, W, 1) -> (raw reconstructions (B, H, W, 1), codes (B, h, w), vq_loss)."""
+        z_q, codes, vq_loss = self.quantizer(self.encoder(images), training=training)
+        return self.decoder(z_q), codes, vq_loss
+
+    def call(self, images, training=False):
+        return ops.clip(self.forward(images, training)[0], 0.0, 1.0)
+
+    def encode(self, images):
+        """images (B, H, W, 1) in [0, 1] -> code indices (B, h, w) int32."""
+        return self.quantizer.nearest_codes(self.encoder(images))
+
+    def decode_codes(self, codes):
+        """code indices (B, h, w) -> images (B, H, W, 1) in [0, 1]."""
+        return ops.clip(self.decoder(self.quantizer.lookup(codes)), 0.0, 1.0)
+
+    def _loss_terms(self, images, training):
+        reconstructions, codes, vq_loss = self.forward(images, training=training)
+        reconstruction_loss = ops.mean((images - reconstructions) ** 2) / self.data_variance
+        return reconstructions, codes, reconstruction_loss, vq_loss
+
+    def _record(self, codes, reconstruction_loss, vq_loss):
+        perplexity, usage = code_statistics(codes, self.codebook_size)
+        values = {"loss": reconstruction_loss + vq_loss, "reconstruction_loss": reconstruction_loss,
+                  "vq_loss": vq_loss, "perplexity": perplexity, "codebook_usage": usage}
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return list(values)
+
+    def train_step(self, images):
+        with tf.GradientTape() as tape:
+            _, codes, reconstruction_loss, vq_loss = self._loss_terms(images, training=True)
+            loss = reconstruction_loss + vq_loss
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        names = self._record(codes, reconstruction_loss, vq_loss)
+        return {name: self.trackers[name].result() for name in names}
+
+    def test_step(self, images):
+        reconstructions, codes, reconstruction_loss, vq_loss = self._loss_terms(images, False)
+        names = self._record(codes, reconstruction_loss, vq_loss)
+        ssim, psnr = image_quality(images, ops.clip(reconstructions, 0.0, 1.0))
+        self.trackers["ssim"].update_state(ssim)
+        self.trackers["psnr"].update_state(psnr)
+        return {name: self.trackers[name].result() for name in names + ["ssim", "psnr"]}
+
+    def get_config(self):
+        return {**super().get_config(), **self.hparams}

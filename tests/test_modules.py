@@ -1,0 +1,164 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from skimage.metrics import structural_similarity
+
+import modules
+from conftest import BRAIN_SLICES
+
+
+def make_quantizer(K=6, D=3, **kwargs):
+    quantizer = modules.VectorQuantizer(codebook_size=K, code_dim=D, seed=0, **kwargs)
+    quantizer.build((None, 2, 2, D))
+    return quantizer
+
+
+def test_nearest_code_matches_brute_force_search():
+    quantizer = make_quantizer(K=32, D=5)
+    rng = np.random.default_rng(0)
+    quantizer.codebook.assign(rng.normal(size=(32, 5)).astype("float32"))
+    z = rng.normal(size=(3, 4, 7, 5)).astype("float32")
+    codes = np.asarray(quantizer.nearest_codes(z))
+    distances = ((z[..., None, :] - quantizer.codebook.numpy()) ** 2).sum(-1)
+    np.testing.assert_array_equal(codes, distances.argmin(-1))
+    assert codes.shape == (3, 4, 7)
+
+
+def test_quantized_output_is_the_chosen_code_and_gradient_passes_straight_through():
+    quantizer = make_quantizer()
+    z = tf.Variable(np.random.default_rng(1).normal(size=(2, 3, 3, 3)).astype("float32"))
+    weights = tf.constant(np.random.default_rng(2).normal(size=(2, 3, 3, 3)), tf.float32)
+    with tf.GradientTape() as tape:
+        z_q, codes, _ = quantizer(z, training=False)
+        objective = tf.reduce_sum(weights * z_q)
+    np.testing.assert_allclose(z_q, quantizer.codebook.numpy()[codes.numpy()], atol=1e-6)
+    # d(sum w * z_q)/dz = w exactly: the quantizer is the identity for gradients
+    np.testing.assert_allclose(tape.gradient(objective, z), weights, atol=1e-6)
+
+
+def test_commitment_loss_is_beta_times_mean_squared_distance():
+    quantizer = make_quantizer(beta=0.25)
+    z = np.random.default_rng(3).normal(size=(1, 2, 2, 3)).astype("float32")
+    z_q, _, vq_loss = quantizer(z)
+    np.testing.assert_allclose(vq_loss, 0.25 * np.mean((z - z_q.numpy()) ** 2), rtol=1e-5)
+
+
+def test_ema_moves_codes_toward_the_mean_of_their_assigned_vectors():
+    quantizer = make_quantizer(K=2, D=2, ema_decay=0.9)
+    quantizer.codebook.assign([[0.0, 0.0], [10.0, 10.0]])
+    quantizer.ema_sum.assign([[0.0, 0.0], [10.0, 10.0]])
+    quantizer.steps_unused.assign([0.0, 0.0])
+    # every vector is nearest to code 0; their mean is (1, 2)
+    z = np.array([[[[0.5, 1.5], [1.5, 2.5]], [[1.0, 2.0], [1.0, 2.0]]]], "float32")
+    before = quantizer.codebook.numpy()[0].copy()
+    for _ in range(50):
+        quantizer(z, training=True)
+    after = quantizer.codebook.numpy()[0]
+    mean = np.array([1.0, 2.0])
+    assert np.linalg.norm(after - mean) < 0.05 * np.linalg.norm(before - mean)
+    # one step by hand: count 1 -> 0.9 + 0.1 * 4; sum -> 0.9 * sum + 0.1 * (4 * mean)
+    np.testing.assert_allclose(quantizer.ema_count.numpy()[0], 4.0, rtol=0.02)
+
+
+def test_gradient_codebook_mode_learns_codes_by_the_codebook_loss():
+    quantizer = make_quantizer(use_ema=False)
+    assert [w.name for w in quantizer.trainable_weights] == ["codebook"]
+    z = np.random.default_rng(4).normal(size=(1, 2, 2, 3)).astype("float32")
+    with tf.GradientTape() as tape:
+        _, _, vq_loss = quantizer(z, training=True)
+    gradient = tape.gradient(vq_loss, quantizer.codebook)
+    assert np.abs(tf.convert_to_tensor(gradient)).sum() > 0
+
+
+def test_dead_codes_are_reseeded_from_encoder_outputs():
+    quantizer = make_quantizer(K=4, D=2, dead_code_steps=3)
+    quantizer.codebook.assign([[0.0, 0.0], [50.0, 50.0], [60.0, 60.0], [70.0, 70.0]])
+    quantizer.ema_sum.assign(quantizer.codebook)
+    quantizer.steps_unused.assign([0.0, 0.0, 0.0, 0.0])
+    z = np.array([[[[0.1, 0.2], [0.3, 0.1]], [[0.2, 0.2], [0.0, 0.3]]]], "float32")
+    for step in range(2):  # codes 1..3 unused for 2 steps: still alive
+        quantizer(z, training=True)
+    np.testing.assert_allclose(quantizer.codebook.numpy()[1:], [[50, 50], [60, 60], [70, 70]],
+                               rtol=1e-4)
+    quantizer(z, training=True)  # third unused step: restarted
+    vectors = z.reshape(-1, 2)
+    for code in quantizer.codebook.numpy()[1:]:
+        assert np.min(np.abs(vectors - code).sum(axis=1)) < 1e-6  # equals one encoder output
+    np.testing.assert_array_equal(quantizer.steps_unused.numpy(), [0, 0, 0, 0])
+
+
+def test_first_training_step_seeds_unused_codes_from_data():
+    quantizer = make_quantizer(K=8, D=2)
+    z = np.random.default_rng(5).normal(5.0, 0.1, size=(1, 4, 4, 2)).astype("float32")
+    _, codes, _ = quantizer(z, training=True)
+    unchosen = np.setdiff1d(np.arange(8), codes.numpy())
+    assert len(unchosen) >= 6
+    assert np.all(np.abs(quantizer.codebook.numpy()[unchosen] - 5.0) < 1.0)  # now near the data
+
+
+def test_code_statistics_perplexity_and_usage():
+    codes = np.array([[0, 1], [2, 3]])  # 4 of 8 codes, uniform: perplexity 4
+    perplexity, usage = modules.code_statistics(codes, 8)
+    np.testing.assert_allclose(perplexity, 4.0, rtol=1e-5)
+    np.testing.assert_allclose(usage, 0.5)
+
+
+@pytest.mark.parametrize("downsample, grid", [(4, 8), (8, 4)])
+def test_vqvae_public_api_shapes_and_ranges(downsample, grid):
+    model = modules.VQVAE(image_size=32, downsample=downsample, width=8, code_dim=4,
+                          codebook_size=16, seed=0)
+    images = np.random.default_rng(6).random((2, 32, 32, 1)).astype("float32")
+    reconstructions = model(images)
+    assert reconstructions.shape == images.shape
+    assert 0.0 <= float(np.min(reconstructions)) and float(np.max(reconstructions)) <= 1.0
+    codes = model.encode(images)
+    assert codes.shape == (2, grid, grid) and codes.dtype == "int32"
+    assert 0 <= int(np.min(codes)) and int(np.max(codes)) < 16
+    assert model.decode_codes(codes).shape == images.shape
+
+
+def test_vqvae_saves_and_loads_as_keras_file_with_codebook_state(tmp_path):
+    model = modules.VQVAE(image_size=16, width=8, code_dim=4, codebook_size=8, seed=0)
+    model.quantizer.codebook.assign(np.random.default_rng(7).normal(size=(8, 4)))
+    model.quantizer.steps_unused.assign(np.arange(8, dtype="float32"))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    images = np.random.default_rng(8).random((2, 16, 16, 1)).astype("float32")
+    np.testing.assert_allclose(loaded(images), model(images), atol=1e-6)
+    np.testing.assert_array_equal(loaded.quantizer.steps_unused.numpy(), np.arange(8))
+    assert loaded.get_config()["codebook_size"] == 8
+
+
+def test_a_few_training_steps_lower_the_loss():
+    keras.utils.set_random_seed(0)
+    model = modules.VQVAE(image_size=16, width=8, code_dim=4, codebook_size=8, seed=0,
+                          data_variance=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
+    images = np.random.default_rng(9).random((16, 16, 16, 1)).astype("float32")
+    images = tf.data.Dataset.from_tensor_slices(images).batch(8)
+    history = model.fit(images, epochs=15, verbose=0).history
+    assert history["loss"][-1] < 0.7 * history["loss"][0]
+
+
+def ssim_pairs():
+    rng = np.random.default_rng(10)
+    smooth = tf.image.resize(rng.random((1, 12, 12, 1)), (48, 48)).numpy()[0].astype("float32")
+    noisy = [np.clip(smooth + rng.normal(0, s, smooth.shape), 0, 1).astype("float32") for s in (0.02, 0.1)]
+    pairs = [(smooth, b) for b in noisy]
+    pairs.append((smooth, rng.random(smooth.shape).astype("float32")))
+    if BRAIN_SLICES.is_dir():
+        from PIL import Image
+        files = sorted((BRAIN_SLICES / "validate").glob("*.png"))[:2]
+        a, b = (np.asarray(Image.open(f), "float32")[..., None] / 255 for f in files)
+        pairs.append((a, b))
+    return pairs
+
+
+def test_ssim_matches_scikit_image_gaussian_sigma_1_5():
+    for a, b in ssim_pairs():
+        ours = float(modules.image_quality(a[None], b[None])[0][0])
+        reference = structural_similarity(a[..., 0], b[..., 0], data_range=1.0,
+                                          gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False)
+        assert abs(ours - reference) < 1e-3, (ours, reference)

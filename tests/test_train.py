@@ -1,0 +1,93 @@
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+import train
+from conftest import TINY
+
+
+def read_log(out):
+    with open(out / "training_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_leave_every_output(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"best.keras", "last.keras", "config.json", "state.json", "training_log.csv",
+            "progress.gif", "loss_curves_linear.png", "loss_curves_log.png", "ssim_curve.png",
+            "tensorboard", "frames", "train_summary.json"} <= names
+    assert not any(name.startswith("tmp-") for name in names)  # atomic writes left no temp file
+    rows = read_log(trained_run)
+    assert len(rows) == 2
+    for key in ("loss", "reconstruction_loss", "vq_loss", "perplexity", "codebook_usage",
+                "val_ssim", "val_psnr", "epoch_seconds"):
+        assert np.isfinite(float(rows[-1][key])), key
+    assert -1 <= float(rows[-1]["val_ssim"]) <= 1
+    gif = Image.open(trained_run / "progress.gif")
+    assert gif.n_frames == 2
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["train"]["image_size"] == 32 and config["splits"]["test"].endswith("test")
+    assert json.loads((trained_run / "state.json").read_text())["epochs_done"] == 2
+
+
+def test_resume_continues_with_optimizer_and_codebook_state(trained_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in trained_run.iterdir():  # resume a copy: the shared run stays as it was
+        if path.is_file():
+            (out / path.name).write_bytes(path.read_bytes())
+    (out / "frames").mkdir()
+    for frame in (trained_run / "frames").iterdir():
+        (out / "frames" / frame.name).write_bytes(frame.read_bytes())
+    before = keras.models.load_model(out / "last.keras")
+    steps_per_epoch = before.optimizer.iterations.numpy() // 2
+    train.main(["--resume", "--epochs", "3", "--out", str(out)])
+    after = keras.models.load_model(out / "last.keras")
+    assert after.optimizer.iterations.numpy() == 3 * steps_per_epoch
+    assert not np.allclose(after.quantizer.codebook.numpy(), before.quantizer.codebook.numpy())
+    assert [row["epoch"] for row in read_log(out)] == ["0", "1", "2"]
+    assert Image.open(out / "progress.gif").n_frames == 3
+
+
+def test_time_limit_stops_after_the_first_epoch(oasis_root, tmp_path):
+    train.main(["--data", str(oasis_root), "--epochs", "5", "--time-limit", "0.0001",
+                "--out", str(tmp_path), *TINY])
+    assert len(read_log(tmp_path)) == 1
+
+
+def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 4, "validate": 2, "test": 2})
+    config = train.Config()
+    splits = train.resolve_splits(config)
+    assert "DEMO" in capsys.readouterr().out
+    assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
+    assert splits["train"].endswith("data/demo/keras_png_slices_train")
+    assert len(dataset.list_images(splits["test"])) == 2
+    assert (tmp_path / "data" / "demo" / "complete").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-dir", "somewhere"], "--train-dir and --val-dir go together"),
+    (["--resume"], "--resume needs"),
+    (["--data", "no/such/folder"], "no/such/folder does not exist"),
+])
+def test_bad_flags_exit_with_a_clear_message(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*argv, "--out", str(tmp_path / "out"), *TINY])
+    assert message in str(exit_.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "30"], "--downsample must be 2, 4, 8 or 16 and divide --image-size"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_impossible_settings_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
