@@ -22,19 +22,21 @@ from PIL import Image
 SPLITS = ("train", "validate", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OASIS_HELP = ("Expected the OASIS layout: a folder holding keras_png_slices_train/, "
-              "keras_png_slices_validate/ and keras_png_slices_test/ (the unpacked "
-              "keras_png_slices_data download of the preprocessed OASIS brain slices, see the "
-              "README), or give the split folders with --train-dir/--val-dir/--test-dir.")
+              "keras_png_slices_validate/ and keras_png_slices_test/, as unpacked from "
+              "keras_png_slices_data.zip (the preprocessed OASIS-1 slices, "
+              "https://www.oasis-brains.org; see the README), or give the split folders with "
+              "--train-dir/--val-dir/--test-dir.")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the path and says what to do."""
 
 
-def oasis_split_dirs(root):
+def oasis_split_dirs(root, need_test=True):
     """{'train': Path, 'validate': Path, 'test': Path} under an OASIS root.
 
-    Accepts the keras_png_slices_data folder itself or the folder that contains it.
+    Accepts the keras_png_slices_data folder itself or the folder that contains it. With
+    need_test=False a missing test split is allowed and given as None.
     """
     root = Path(root)
     if not root.is_dir():
@@ -42,7 +44,9 @@ def oasis_split_dirs(root):
     if (root / "keras_png_slices_data").is_dir():
         root = root / "keras_png_slices_data"
     dirs = {split: root / f"keras_png_slices_{split}" for split in SPLITS}
-    missing = [str(path) for path in dirs.values() if not path.is_dir()]
+    if not need_test and not dirs["test"].is_dir():
+        dirs["test"] = None
+    missing = [str(path) for path in dirs.values() if path and not path.is_dir()]
     if missing:
         raise DataError(f"{root} is missing {', '.join(missing)}. {OASIS_HELP}")
     return dirs
@@ -64,7 +68,10 @@ def list_images(folder):
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.verify()  # reads the whole file: catches non-images and truncation
+                if image.format == "PNG":
+                    image.verify()  # checks every chunk's checksum, without decoding
+                else:
+                    image.load()  # other formats have no such check: decode in full
         except Exception as error:
             raise DataError(f"{path} is not a readable image ({error}). Remove or replace "
                             f"the file and run again.") from None

@@ -77,25 +77,31 @@ class Encoder(layers.Layer):
 class Decoder(layers.Layer):
     """(B, h, w, code_dim) -> (B, h*downsample, w*downsample, 1), the mirror of the Encoder.
 
-    The output is linear (not squashed by a sigmoid) and kept in float32 under mixed precision;
-    `VQVAE.call` clips it to [0, 1].
+    Stride-2 transposed convolutions double the grid up to half the image size; the last
+    doubling is sub-pixel (ESPCN): a 3x3 convolution predicts the 2x2 block of output pixels
+    under each position as 4 channels and depth_to_space lays them out. On CPU that is ~2x
+    cheaper than a transposed convolution to full size followed by a 1-channel convolution,
+    and it cannot make checkerboard artefacts. The output is linear and float32 under mixed
+    precision; `VQVAE.call` clips it to [0, 1].
     """
 
     def __init__(self, downsample=4, width=64, res_blocks=1, **kwargs):
         super().__init__(**kwargs)
         self.downsample, self.width, self.res_blocks = downsample, width, res_blocks
+        widths = stage_widths(width, downsample)  # finest first
         self.steps = [layers.Conv2D(width, 3, padding="same", activation="relu")]
         self.steps += [ResidualBlock(width) for _ in range(res_blocks)]
         self.steps += [
             layers.Conv2DTranspose(c, 3, strides=2, padding="same", activation="relu")
-            for c in reversed(stage_widths(width, downsample))
+            for c in reversed(widths[1:])
         ]
-        self.to_image = layers.Conv2D(1, 3, padding="same", dtype="float32")
+        self.steps.append(layers.Conv2D(widths[0], 3, padding="same", activation="relu"))
+        self.to_pixel_blocks = layers.Conv2D(4, 3, padding="same", dtype="float32")
 
     def call(self, z):
         for step in self.steps:
             z = step(z)
-        return self.to_image(z)
+        return tf.nn.depth_to_space(self.to_pixel_blocks(z), 2)
 
     def get_config(self):
         return {**super().get_config(), "downsample": self.downsample, "width": self.width,
@@ -121,7 +127,7 @@ class VectorQuantizer(layers.Layer):
 
     Dead codes: `steps_unused_k` counts training steps since code k was last chosen; once it
     reaches `dead_code_steps` the code is re-seeded with a random encoder output from the current
-    batch. The counters start at `dead_code_steps`, so the first step seeds every unchosen code
+    batch (in both codebook modes). The counters start at `dead_code_steps`, so the first step seeds every unchosen code
     from data (a data-dependent initialisation for free).
     """
 
@@ -149,12 +155,19 @@ class VectorQuantizer(layers.Layer):
                                                 float(self.dead_code_steps)))
 
     def nearest_codes(self, z_e):
-        """(B, h, w, D) -> code indices (B, h, w) int32, by squared Euclidean distance."""
+        """(B, h, w, D) -> code indices (B, h, w) int32, by squared Euclidean distance.
+
+        argmin_k ||z - e_k||^2 = argmax_k (2 z.e_k - |e_k|^2), as |z|^2 is the same for every k.
+        That is one matmul of [z, 1] with [2 e_k, -|e_k|^2], so the (N, K) score matrix, the
+        largest tensor in the model, is written once; and TensorFlow's CPU argmax is ~4x faster
+        than its argmin.
+        """
         flat = ops.reshape(ops.cast(z_e, "float32"), (-1, self.code_dim))
-        distances = (ops.sum(flat**2, axis=1, keepdims=True)
-                     - 2.0 * ops.matmul(flat, ops.transpose(self.codebook))
-                     + ops.sum(self.codebook**2, axis=1)[None, :])
-        codes = ops.argmin(distances, axis=1)
+        flat = ops.concatenate([flat, ops.ones_like(flat[:, :1])], axis=1)
+        codes_and_norms = ops.concatenate(
+            [2.0 * self.codebook, -ops.sum(self.codebook**2, axis=1, keepdims=True)], axis=1)
+        scores = ops.matmul(flat, ops.transpose(codes_and_norms))
+        codes = ops.argmax(scores, axis=1)
         return ops.cast(ops.reshape(codes, ops.shape(z_e)[:-1]), "int32")
 
     def lookup(self, codes):
@@ -164,7 +177,7 @@ class VectorQuantizer(layers.Layer):
     def call(self, z_e, training=False):
         """z_e (B, h, w, D) -> (z_q_st (B, h, w, D), codes (B, h, w), vq_loss scalar)."""
         codes = self.nearest_codes(ops.stop_gradient(z_e))
-        if training and self.use_ema:
+        if training:
             self._update_codebook(z_e, codes)
         z_q = self.lookup(codes)
         vq_loss = self.beta * ops.mean((z_e - ops.stop_gradient(z_q)) ** 2)
@@ -174,11 +187,18 @@ class VectorQuantizer(layers.Layer):
         return z_q_st, codes, vq_loss
 
     def _update_codebook(self, z_e, codes):
-        """One EMA step and dead-code restart; runs inside the train step, before lookup."""
+        """The EMA step (use_ema only) and dead-code restart; runs in the train step, before
+        the lookup, so this step's z_q already uses the updated codebook."""
         K = self.codebook_size
         flat = ops.stop_gradient(ops.reshape(z_e, (-1, self.code_dim)))
         flat_codes = ops.reshape(codes, (-1,))
         counts = ops.cast(ops.bincount(flat_codes, minlength=K), "float32")
+        if self.use_ema:
+            self._ema_step(flat, flat_codes, counts)
+        self._restart_dead_codes(flat, counts)
+
+    def _ema_step(self, flat, flat_codes, counts):
+        K = self.codebook_size
         sums = ops.segment_sum(flat, flat_codes, num_segments=K)
         decay = self.ema_decay
         self.ema_count.assign(decay * self.ema_count + (1 - decay) * counts)
@@ -186,7 +206,6 @@ class VectorQuantizer(layers.Layer):
         total = ops.sum(self.ema_count)
         smoothed = (self.ema_count + self.epsilon) / (total + K * self.epsilon) * total
         self.codebook.assign(self.ema_sum / smoothed[:, None])
-        self._restart_dead_codes(flat, counts)
 
     def _restart_dead_codes(self, flat, counts):
         K = self.codebook_size

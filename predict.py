@@ -66,21 +66,23 @@ def test_folder(args, config):
     sys.exit("error: the training run had no test split: pass --test-dir FOLDER or --data ROOT.")
 
 
-def reconstruct_all(model, batches):
-    """Run the model over every batch: images, reconstructions, codes, and images/s (the
-    timed pass includes reading the cached batches, not graph tracing)."""
-    forward = tf.function(lambda x: model.forward(x))
-    forward(next(iter(batches)))  # trace once so the timing below is steady-state
-    images, reconstructions, codes = [], [], []
+def reconstruct_all(model, batches, image_size):
+    """Run the model over every batch -> images, reconstructions, codes, per-image SSIM and
+    PSNR, and images/s. The batches are decoded into memory first and the model traced once
+    for any batch size, so images/s measures the model alone (encode, quantise, decode)."""
+    batches = list(batches)
+    spec = tf.TensorSpec((None, image_size, image_size, 1), tf.float32)
+    forward = tf.function(lambda x: model.forward(x), input_signature=[spec])
+    forward(batches[0])  # trace once
     started = time.perf_counter()
-    for batch in batches:
-        raw, batch_codes, _ = forward(batch)
-        reconstructions.append(np.clip(raw.numpy(), 0.0, 1.0))
-        images.append(batch.numpy())
-        codes.append(batch_codes.numpy())
-    per_second = sum(len(b) for b in images) / (time.perf_counter() - started)
-    return (np.concatenate(images), np.concatenate(reconstructions), np.concatenate(codes),
-            per_second)
+    outputs = [forward(batch) for batch in batches]
+    reconstructions = [np.clip(raw.numpy(), 0.0, 1.0) for raw, _, _ in outputs]
+    per_second = sum(map(len, reconstructions)) / (time.perf_counter() - started)
+    quality = [modules.image_quality(batch, recon) for batch, recon in zip(batches, reconstructions)]
+    ssim, psnr = (np.concatenate([q[i].numpy() for q in quality]) for i in (0, 1))
+    codes = np.concatenate([batch_codes.numpy() for _, batch_codes, _ in outputs])
+    images = np.concatenate([batch.numpy() for batch in batches])
+    return images, np.concatenate(reconstructions), codes, ssim, psnr, per_second
 
 
 def foreground_psnr(images, reconstructions):
@@ -133,8 +135,8 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     image_size = config["train"]["image_size"]
     batches = dataset.load_split(paths, image_size, args.batch_size)
-    images, reconstructions, codes, per_second = reconstruct_all(model, batches)
-    ssim, psnr = (t.numpy() for t in modules.image_quality(images, reconstructions))
+    images, reconstructions, codes, ssim, psnr, per_second = reconstruct_all(model, batches,
+                                                                             image_size)
     perplexity, usage = modules.code_statistics(codes, model.codebook_size)
     report = {
         "checkpoint": str(Path(args.checkpoint) / f"{args.weights}.keras"),

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,70 +74,90 @@ HELP = {
     "train_dir": "folder of training slices (PNG/JPEG); needs --val-dir",
     "val_dir": "folder of validation slices",
     "test_dir": "folder of test slices (optional; saved for predict.py)",
-    "out": "output folder", "time_limit": "stop before this many minutes of training (0: none)",
+    "out": "output folder", "image_size": "images are fitted into this square (pixels)",
+    "epochs": "epochs in all (a resumed run counts the epochs already done)",
+    "batch_size": "images per training step", "learning_rate": "Adam learning rate",
+    "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
+                  "parts included (0: no limit)",
     "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
+    "seed": "seed for weights, shuffling and the demo set",
     "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
-    "width": "channels at the latent resolution", "code_dim": "code vector dimension D",
-    "codebook_size": "number of codes K", "beta": "commitment cost",
+    "width": "channels at the latent resolution (at least 8)",
+    "res_blocks": "residual blocks at the latent resolution, in encoder and decoder",
+    "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
+    "beta": "commitment cost",
     "codebook": "ema: exponential moving averages; loss: learned by the codebook loss",
+    "ema_decay": "decay of the codebook moving averages",
     "dead_code_steps": "re-seed a code after this many training steps unused",
     "progress_images": "validation images shown in the progress GIF",
 }
+RESUMABLE = ("epochs", "time_limit", "out")  # the settings a resumed run may be given
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """(Config, resume?) from the command line. Flags default to None here so that the ones
+    actually given can be told apart (a resumed run takes the rest from its config.json)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
         choices = {"precision": ["auto", "float32", "mixed_bfloat16"],
                    "codebook": ["ema", "loss"]}.get(field.name)
-        parser.add_argument(flag, type=type(field.default), default=field.default,
-                            choices=choices, help=HELP.get(field.name, " "))
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
+                            choices=choices, help=f"{HELP[field.name]} (default: "
+                                                  f"{field.default!r})")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run saved in --out (its config; --epochs and "
-                             "--time-limit may be changed)")
+                        help="continue the run saved in --out with its saved settings "
+                             "(only --epochs and --time-limit may be given)")
     args = parser.parse_args(argv)
-    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     if args.resume:
-        config = resumed_config(config, parser)
+        if set(given) - set(RESUMABLE):
+            parser.error(f"--resume keeps the saved settings: only --epochs, --time-limit and "
+                         f"--out may be given, not {', '.join(sorted(set(given) - set(RESUMABLE)))}")
+        config = Config(**{**saved_settings(given.get("out", Config.out)), **given})
+    else:
+        config = Config(**given)
     check(config, parser)
     return config, args.resume
 
 
 def check(config, parser):
-    for name in ("image_size", "epochs", "batch_size", "width", "code_dim", "progress_images"):
+    """Refuse impossible settings before any work is done."""
+    for name in ("image_size", "epochs", "batch_size", "code_dim", "progress_images",
+                 "dead_code_steps"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if config.codebook_size < 2:
-        parser.error("--codebook-size must be at least 2")
-    if config.downsample not in (2, 4, 8, 16) or config.image_size % config.downsample:
-        parser.error(f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
-                     f"({config.image_size}); got {config.downsample}")
+    problems = {"--width must be at least 8": config.width < 8,
+                "--codebook-size must be at least 2": config.codebook_size < 2,
+                "--learning-rate must be positive": config.learning_rate <= 0,
+                "--ema-decay must be between 0 and 1": not 0 < config.ema_decay < 1,
+                "--time-limit cannot be negative": config.time_limit < 0,
+                f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
+                f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
+                or config.image_size % config.downsample != 0}
+    for message, failed in problems.items():
+        if failed:
+            parser.error(message)
 
 
-def resumed_config(config, parser):
-    path = Path(config.out) / "config.json"
+def saved_settings(out):
+    """The settings saved by the run in `out` (for --resume)."""
+    path = Path(out) / "config.json"
     for needed in (path, path.with_name("last.keras"), path.with_name("state.json")):
         if not needed.exists():
             sys.exit(f"error: --resume needs {needed}, which does not exist: start a run with "
                      f"this --out first (or check --out).")
-    saved = Config(**json.loads(path.read_text())["train"])
-    saved.out = config.out  # the folder resumed from, even if it was moved or copied
-    for name in ("epochs", "time_limit"):  # the only settings a resumed run may change
-        if getattr(config, name) != parser.get_default(name):
-            setattr(saved, name, getattr(config, name))
-    return saved
+    return json.loads(path.read_text())["train"]
 
 
 def resolve_splits(config):
-    """Split folders {'train', 'validate', 'test'} (test may be None). With no data given it
-    builds the demo set and, unless --time-limit is set, caps the demo run's training time."""
+    """Absolute split folders {'train', 'validate', 'test'} (test may be None). With no data
+    given it builds the demo set and, unless --time-limit is set, caps the demo run's time."""
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
-        return {"train": config.train_dir, "validate": config.val_dir,
-                "test": config.test_dir or None}
+        return {"train": str(Path(config.train_dir).resolve()),
+                "validate": str(Path(config.val_dir).resolve()),
+                "test": str(Path(config.test_dir).resolve()) if config.test_dir else None}
     root = config.data or (OASIS_DEFAULT if OASIS_DEFAULT.is_dir() else None)
     if root is None:
         root = demo_root(config.seed)
@@ -144,7 +165,8 @@ def resolve_splits(config):
             config.time_limit = DEMO_MINUTES
             print(f"demo run: training stops after about {DEMO_MINUTES:g} minutes "
                   f"(set --time-limit to change).", flush=True)
-    return {split: str(path) for split, path in dataset.oasis_split_dirs(root).items()}
+    dirs = dataset.oasis_split_dirs(root, need_test=False)  # training can go without a test set
+    return {split: str(path.resolve()) if path else None for split, path in dirs.items()}
 
 
 def demo_root(seed):
@@ -152,10 +174,13 @@ def demo_root(seed):
           "(the MNI152\ntemplate shipped with nilearn). Results on it say little about OASIS. "
           "For real data\nunpack keras_png_slices_data into data/ or pass --data PATH "
           "(see README).\n" + "=" * 78, flush=True)
-    if not (DEMO_ROOT / "complete").exists():
+    marker = DEMO_ROOT / "complete"
+    if not marker.exists() or marker.read_text() != f"seed {seed}\n":
         start, staging = time.time(), DEMO_ROOT.with_name("demo.partial")
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
         dataset.build_demo_dataset(staging, seed=seed)
         (staging / "complete").write_text(f"seed {seed}\n")
+        shutil.rmtree(DEMO_ROOT, ignore_errors=True)  # built for another seed
         staging.replace(DEMO_ROOT)
         print(f"built the demo set in {DEMO_ROOT} ({time.time() - start:.0f} s)", flush=True)
     return DEMO_ROOT
@@ -218,7 +243,8 @@ class WallClock(keras.callbacks.Callback):
               f"codebook usage {logs['val_codebook_usage']:.0%}, {seconds:.0f} s "
               f"({self.elapsed / 60:.1f} min in all)", flush=True)
         if self.limit and self.elapsed + seconds > self.limit:
-            print(f"time limit of {self.limit / 60:g} min reached: stopping.", flush=True)
+            print(f"another epoch would pass the time limit of {self.limit / 60:g} min: "
+                  f"stopping.", flush=True)
             self.model.stop_training = True
 
 
@@ -258,7 +284,8 @@ class ProgressGif(keras.callbacks.Callback):
         canvas.paste(frame, (0, 16))
         ImageDraw.Draw(canvas).text((4, 2), f"epoch {epoch + 1}   top: original   bottom: "
                                     f"reconstruction   val SSIM {logs['val_ssim']:.4f}", fill=255)
-        canvas.save(self.frames / f"epoch_{epoch + 1:03d}.png")
+        save_atomically(lambda tmp: canvas.save(tmp, format="PNG"),
+                        self.frames / f"epoch_{epoch + 1:03d}.png")
         frames = [imageio.imread(p) for p in sorted(self.frames.glob("epoch_*.png"))]
         save_atomically(lambda tmp: imageio.mimsave(tmp, frames, format="GIF", duration=500,
                                                     loop=0), Path(self.out) / "progress.gif")
@@ -316,16 +343,16 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     print(f"data: {len(train_paths)} train slices in {splits['train']}, {len(val_paths)} "
           f"validation slices in {splits['validate']}; test: {splits['test']}")
+    state = json.loads((out / "state.json").read_text()) if resume else {}
+    # a resumed run gets a new shuffle order, not a replay of the first epochs'
     train_ds = dataset.load_split(train_paths, config.image_size, config.batch_size,
-                                  shuffle=True, seed=config.seed)
+                                  shuffle=True, seed=config.seed + state.get("epochs_done", 0))
     val_ds = dataset.load_split(val_paths, config.image_size, config.batch_size)
 
     if resume:
-        state = json.loads((out / "state.json").read_text())
         model = keras.models.load_model(out / "last.keras")
         print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
     else:
-        state = {}
         variance = float(np.var(dataset.fixed_batch(train_paths, config.image_size, 256)))
         model = build_model(config, variance)
     write_json({"train": dataclasses.asdict(config), "precision": precision, "splits": splits,
@@ -346,8 +373,10 @@ def main(argv=None):
         Plots(csv_path, out),
     ]
     started = time.time()
+    # A progress bar in a terminal; one line per epoch when the output goes to a file.
+    # shuffle=False: the training dataset shuffles itself.
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-              initial_epoch=state.get("epochs_done", 0), callbacks=callbacks, shuffle=False,  # the dataset shuffles itself
+              initial_epoch=state.get("epochs_done", 0), callbacks=callbacks, shuffle=False,
               verbose=1 if sys.stdout.isatty() else 2)
     summary = {**json.loads((out / "state.json").read_text()),
                "this_run_minutes": (time.time() - started) / 60, "precision": precision}

@@ -19,6 +19,15 @@ def test_oasis_layout_finds_the_three_image_splits_not_the_segmentations(oasis_r
     assert len(dataset.list_images(dirs["train"])) == 24
 
 
+def test_a_missing_test_split_is_allowed_only_when_asked(oasis_root, tmp_path):
+    root = tmp_path / "no_test"
+    for split in ("train", "validate"):
+        write_slices(root / f"keras_png_slices_{split}", 2)
+    assert dataset.oasis_split_dirs(root, need_test=False)["test"] is None
+    with pytest.raises(dataset.DataError, match="keras_png_slices_test"):
+        dataset.oasis_split_dirs(root)
+
+
 def test_pipeline_yields_scaled_float_batches_in_sorted_order(oasis_root):
     paths = dataset.list_images(oasis_root / "keras_png_slices_validate")
     assert paths == sorted(paths)

@@ -12,7 +12,6 @@ def test_predict_reports_metrics_and_saves_comparisons(trained_run, tmp_path, ca
     for metric in ("ssim", "psnr_db", "foreground_psnr_db"):
         stats = report[metric]
         assert stats["min"] <= stats["p5"] <= stats["median"] and stats["min"] <= stats["mean"]
-    assert -1 <= report["ssim"]["mean"] <= 1
     assert 0 < report["codebook_usage"] <= 1 and report["perplexity"] >= 1
     assert report["images_per_second"] > 0
     assert sorted(p.name for p in tmp_path.glob("comparison_*.png")) == [
