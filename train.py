@@ -306,15 +306,17 @@ class Plots(keras.callbacks.Callback):
         epochs = log["epoch"] + 1
         for scale in ("linear", "log"):
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            for key in ("loss", "reconstruction_loss", "vq_loss"):
-                ax.plot(epochs, log[key], label=f"train {key}")
-                ax.plot(epochs, log["val_" + key], "--", label=f"validation {key}")
+            for key, color in (("loss", "black"), ("reconstruction_loss", "tab:blue"),
+                               ("vq_loss", "tab:orange")):
+                ax.plot(epochs, log[key], color=color, label=f"train {key}")
+                ax.plot(epochs, log["val_" + key], "--", color=color, label=f"validation {key}")
             ax.set(xlabel="epoch", ylabel="loss", yscale=scale, title=f"Losses ({scale} scale)")
             ax.legend(fontsize=8)
             self._save(fig, f"loss_curves_{scale}.png")
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(epochs, log["val_ssim"], "o-", color="tab:blue")
-        ax.set(xlabel="epoch", ylabel="mean SSIM (whole validation split)", title="Validation SSIM and PSNR")
+        ax.set(xlabel="epoch", ylabel="mean SSIM (whole validation split)",
+               title="Validation SSIM and PSNR")
         twin = ax.twinx()
         twin.plot(epochs, log["val_psnr"], "s--", color="tab:red")
         twin.set_ylabel("mean PSNR (dB)", color="tab:red")
