@@ -206,7 +206,8 @@ def build_model(config, data_variance):
         codebook_size=config.codebook_size, beta=config.beta,
         use_ema=config.codebook == "ema", ema_decay=config.ema_decay,
         dead_code_steps=config.dead_code_steps, data_variance=data_variance, seed=config.seed)
-    # XLA (jit_compile) made this model ~3x slower on CPU, so it stays off.
+    # XLA stays off: it made the keras.io VQ-VAE ~3x slower on a 2-core CPU
+    # (../shared/reference/measurements.md).
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
     return model
 
@@ -346,7 +347,7 @@ def main(argv=None):
     print(f"data: {len(train_paths)} train slices in {splits['train']}, {len(val_paths)} "
           f"validation slices in {splits['validate']}; test: {splits['test']}")
     state = json.loads((out / "state.json").read_text()) if resume else {}
-    # a resumed run gets a new shuffle order, not a replay of the first epochs'
+    # a resumed run gets a new shuffle order, not a replay of the first epochs
     train_ds = dataset.load_split(train_paths, config.image_size, config.batch_size,
                                   shuffle=True, seed=config.seed + state.get("epochs_done", 0))
     val_ds = dataset.load_split(val_paths, config.image_size, config.batch_size)
