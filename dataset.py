@@ -13,6 +13,7 @@ Each split becomes: sorted files -> decode to one channel -> fit into image_size
 -> shuffle (training only) -> batch -> prefetch.
 """
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 
 SPLITS = ("train", "validate", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DECODABLE = ("PNG", "JPEG", "BMP", "GIF")  # what tf.io.decode_image reads
 OASIS_HELP = ("Expected the OASIS layout: a folder holding keras_png_slices_train/, "
               "keras_png_slices_validate/ and keras_png_slices_test/, as unpacked from "
               "keras_png_slices_data.zip (the preprocessed OASIS-1 slices, "
@@ -43,6 +45,9 @@ def oasis_split_dirs(root, need_test=True):
         raise DataError(f"data folder {root} does not exist. {OASIS_HELP}")
     if (root / "keras_png_slices_data").is_dir():
         root = root / "keras_png_slices_data"
+    if root.name.startswith("keras_png_slices_") and root.name != "keras_png_slices_data":
+        raise DataError(f"{root} is one split folder: pass the folder that holds all the "
+                        f"splits (its parent, {root.parent}).")
     dirs = {split: root / f"keras_png_slices_{split}" for split in SPLITS}
     if not need_test and not dirs["test"].is_dir():
         dirs["test"] = None
@@ -68,14 +73,34 @@ def list_images(folder):
     for path in paths:
         try:
             with Image.open(path) as image:
-                if image.format == "PNG":
+                kind, mode = image.format, image.mode
+                if kind == "PNG":
                     image.verify()  # checks every chunk's checksum, without decoding
                 else:
                     image.load()  # other formats have no such check: decode in full
         except Exception as error:
             raise DataError(f"{path} is not a readable image ({error}). Remove or replace "
                             f"the file and run again.") from None
+        if kind not in DECODABLE or mode == "CMYK":
+            raise DataError(f"{path} is a {kind} image in {mode} mode, which TensorFlow cannot "
+                            f"decode: convert it to a grayscale or RGB PNG.")
     return [str(p) for p in paths]
+
+
+@contextlib.contextmanager
+def naming_bad_files(paths):
+    """Turns a decode error inside a tf.data pipeline over `paths` into a DataError that names
+    the file (tf.data's errors do not say which element failed; only then are they searched)."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError:
+        for path in paths:
+            try:
+                tf.io.decode_image(tf.io.read_file(path), channels=1, expand_animations=False)
+            except tf.errors.InvalidArgumentError:
+                raise DataError(f"{path} could not be decoded: remove or replace it and run "
+                                f"again.") from None
+        raise
 
 
 def decode_and_fit(path, image_size):
@@ -114,7 +139,13 @@ def fixed_batch(paths, image_size, count):
 
     Used for the progress GIF, for comparisons, and to estimate the pixel variance."""
     picks = np.linspace(0, len(paths) - 1, num=min(count, len(paths))).round().astype(int)
-    images = [decode_and_fit(paths[i], image_size) for i in picks]
+    images = []
+    for i in picks:
+        try:
+            images.append(decode_and_fit(paths[i], image_size))
+        except tf.errors.InvalidArgumentError as error:
+            raise DataError(f"{paths[i]} could not be decoded ({error.message.splitlines()[0]})."
+                            f" Remove or replace the file and run again.") from None
     return np.stack(images).astype("float32") / 255.0
 
 

@@ -1,7 +1,7 @@
 """Reconstruct a test split with a trained VQ-VAE: metrics, side-by-side comparisons, a grid.
 
     python predict.py                          # checkpoint and test split from out/config.json
-    python predict.py --checkpoint out/brain-slices --test-dir ../shared/data/brain-slices/validate
+    python predict.py --checkpoint out --test-dir ../shared/data/brain-slices/validate
 
 Writes into --out (default: <checkpoint folder>/predict): report.json, comparison_NNN.png
 (original | reconstruction | absolute difference) for --examples images, comparison_grid.png.
@@ -42,7 +42,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="", help="output folder (default <checkpoint>/predict)")
     parser.add_argument("--examples", type=int, default=8, help="comparisons to save")
     parser.add_argument("--batch-size", type=int, default=32)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("examples", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def load_run(folder, weights):
@@ -51,9 +55,16 @@ def load_run(folder, weights):
     config_path, model_path = folder / "config.json", folder / f"{weights}.keras"
     for path in (config_path, model_path):
         if not path.exists():
+            hint = (" (no epoch has improved on the first yet?) Try --weights last."
+                    if weights == "best" and (folder / "last.keras").exists() else "")
             sys.exit(f"error: {path} not found: --checkpoint must be the --out folder of a "
-                     f"train.py run (default out/).")
-    return keras.models.load_model(model_path), json.loads(config_path.read_text())
+                     f"train.py run (default out/).{hint}")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as error:
+        sys.exit(f"error: could not load {model_path} ({str(error).splitlines()[0]}). It may "
+                 f"be damaged or written by an older version of modules.py: train again.")
+    return model, json.loads(config_path.read_text())
 
 
 def test_folder(args, config):
@@ -129,14 +140,20 @@ def main(argv=None):
     args = parse_args(argv)
     model, config = load_run(args.checkpoint, args.weights)
     try:
-        folder = test_folder(args, config)
-        paths = dataset.list_images(folder)
+        evaluate(args, model, config)
     except dataset.DataError as error:
         sys.exit(f"error: {error}")
+
+
+def evaluate(args, model, config):
+    """Reconstruct the test split; print and save the report and the figures."""
+    folder = test_folder(args, config)
+    paths = dataset.list_images(folder)
     image_size = config["train"]["image_size"]
     batches = dataset.load_split(paths, image_size, args.batch_size)
-    images, reconstructions, codes, ssim, psnr, per_second = reconstruct_all(model, batches,
-                                                                             image_size)
+    with dataset.naming_bad_files(paths):
+        images, reconstructions, codes, ssim, psnr, per_second = reconstruct_all(
+            model, batches, image_size)
     perplexity, usage = modules.code_statistics(codes, model.codebook_size)
     report = {
         "checkpoint": str(Path(args.checkpoint) / f"{args.weights}.keras"),
@@ -158,7 +175,8 @@ def main(argv=None):
               f"p5 {stats['p5']:.4f}  min {stats['min']:.4f}")
     print(f"  codebook usage {usage:.1%} of {model.codebook_size} codes, perplexity "
           f"{perplexity:.1f}, {per_second:.1f} images/s on {report['device']}")
-    print(f"wrote {out / 'report.json'}, {args.examples} comparisons and comparison_grid.png")
+    print(f"wrote {out / 'report.json'}, {min(args.examples, len(images))} comparisons and "
+          f"comparison_grid.png")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class Config:
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 1e-3
-    time_limit: float = 0.0  # minutes of training; 0 = no limit
+    time_limit: float | None = None  # minutes of training; 0 = no limit; None = unset
     precision: str = "auto"  # auto | float32 | mixed_bfloat16
     seed: int = 0
     # model
@@ -78,7 +78,7 @@ HELP = {
     "epochs": "epochs in all (a resumed run counts the epochs already done)",
     "batch_size": "images per training step", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
-                  "parts included (0: no limit)",
+                  "parts included (0: no limit; unset: none, or 7 on the demo set)",
     "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
     "seed": "seed for weights, shuffling and the demo set",
     "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
@@ -101,7 +101,8 @@ def parse_args(argv=None):
     for field in dataclasses.fields(Config):
         choices = {"precision": ["auto", "float32", "mixed_bfloat16"],
                    "codebook": ["ema", "loss"]}.get(field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
+        kind = float if field.name == "time_limit" else type(field.default)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind,
                             choices=choices, help=f"{HELP[field.name]} (default: "
                                                   f"{field.default!r})")
     parser.add_argument("--resume", action="store_true",
@@ -128,9 +129,14 @@ def check(config, parser):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     problems = {"--width must be at least 8": config.width < 8,
                 "--codebook-size must be at least 2": config.codebook_size < 2,
-                "--learning-rate must be positive": config.learning_rate <= 0,
+                "--res-blocks cannot be negative": config.res_blocks < 0,
+                "--seed must be between 0 and 2**32 - 1": not 0 <= config.seed < 2**32,
+                "--learning-rate must be a positive number": not 0 < config.learning_rate < 1e3,
+                "--beta must be a number >= 0": not 0 <= config.beta < 1e6,
                 "--ema-decay must be between 0 and 1": not 0 < config.ema_decay < 1,
-                "--time-limit cannot be negative": config.time_limit < 0,
+                "--time-limit must be a number >= 0": config.time_limit is not None
+                and not 0 <= config.time_limit < 1e9,
+                f"--out {config.out} is a file, not a folder": Path(config.out).is_file(),
                 f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
                 f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
                 or config.image_size % config.downsample != 0}
@@ -161,7 +167,7 @@ def resolve_splits(config):
     root = config.data or (OASIS_DEFAULT if OASIS_DEFAULT.is_dir() else None)
     if root is None:
         root = demo_root(config.seed)
-        if not config.time_limit:
+        if config.time_limit is None:
             config.time_limit = DEMO_MINUTES
             print(f"demo run: training stops after about {DEMO_MINUTES:g} minutes "
                   f"(set --time-limit to change).", flush=True)
@@ -230,7 +236,7 @@ class WallClock(keras.callbacks.Callback):
 
     def __init__(self, epochs, limit_minutes, elapsed_before=0.0):
         super().__init__()
-        self.epochs, self.limit, self.elapsed = epochs, limit_minutes * 60, elapsed_before
+        self.epochs, self.limit, self.elapsed = epochs, (limit_minutes or 0) * 60, elapsed_before
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.time()
@@ -331,22 +337,35 @@ class Plots(keras.callbacks.Callback):
 
 def main(argv=None):
     config, resume = parse_args(argv)
+    try:
+        train(config, resume)
+    except dataset.DataError as error:
+        sys.exit(f"error: {error}")
+
+
+def train(config, resume):
+    """The whole run: data, model, callbacks, fit; every output goes to config.out."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     precision = choose_precision(config.precision)
     keras.mixed_precision.set_global_policy(precision)
-    try:
-        splits = resolve_splits(config)
-        train_paths = dataset.list_images(splits["train"])
-        val_paths = dataset.list_images(splits["validate"])
-        if splits["test"]:
-            dataset.list_images(splits["test"])
-    except dataset.DataError as error:
-        sys.exit(f"error: {error}")
+    state = json.loads((out / "state.json").read_text()) if resume else {}
+    if resume and config.epochs <= state["epochs_done"]:
+        sys.exit(f"error: {out} has done {state['epochs_done']} epochs already: pass --epochs "
+                 f"larger than that to train more.")
+    if not resume and (out / "state.json").exists():
+        sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
+                 f"give a new --out folder (or delete {out}) to start another.")
+    # a resumed run reads the very folders it was trained on
+    splits = (json.loads((out / "config.json").read_text())["splits"] if resume
+              else resolve_splits(config))
+    train_paths = dataset.list_images(splits["train"])
+    val_paths = dataset.list_images(splits["validate"])
+    if splits["test"]:
+        dataset.list_images(splits["test"])
     print(f"data: {len(train_paths)} train slices in {splits['train']}, {len(val_paths)} "
           f"validation slices in {splits['validate']}; test: {splits['test']}")
-    state = json.loads((out / "state.json").read_text()) if resume else {}
     # a resumed run gets a new shuffle order, not a replay of the first epochs
     train_ds = dataset.load_split(train_paths, config.image_size, config.batch_size,
                                   shuffle=True, seed=config.seed + state.get("epochs_done", 0))
@@ -370,6 +389,7 @@ def main(argv=None):
         WallClock(config.epochs, config.time_limit, state.get("elapsed_minutes", 0.0) * 60),
         keras.callbacks.CSVLogger(str(csv_path), append=resume),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0),
+        keras.callbacks.TerminateOnNaN(),
         Checkpoints(out, state),
         ProgressGif(dataset.fixed_batch(val_paths, config.image_size, config.progress_images),
                     out),
@@ -378,9 +398,10 @@ def main(argv=None):
     started = time.time()
     # A progress bar in a terminal; one line per epoch when the output goes to a file.
     # shuffle=False: the training dataset shuffles itself.
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-              initial_epoch=state.get("epochs_done", 0), callbacks=callbacks, shuffle=False,
-              verbose=1 if sys.stdout.isatty() else 2)
+    with dataset.naming_bad_files(train_paths + val_paths):
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                  initial_epoch=state.get("epochs_done", 0), callbacks=callbacks, shuffle=False,
+                  verbose=1 if sys.stdout.isatty() else 2)
     summary = {**json.loads((out / "state.json").read_text()),
                "this_run_minutes": (time.time() - started) / 60, "precision": precision}
     write_json(summary, out / "train_summary.json")

@@ -131,3 +131,28 @@ def test_real_brain_slices_load_at_full_size():
     images = first_batch(paths, image_size=256, batch_size=16)
     assert images.shape == (16, 256, 256, 1)
     assert 0.05 < images.mean() < 0.5 and images[:, 0, 0].max() == 0.0  # black corners
+
+
+@pytest.mark.parametrize("save, expected", [
+    (lambda path: Image.new("L", (8, 8)).save(path, format="WEBP"), "WEBP image"),
+    (lambda path: Image.new("CMYK", (8, 8)).save(path, format="JPEG"), "CMYK mode"),
+])
+def test_formats_tensorflow_cannot_decode_are_named(tmp_path, save, expected):
+    folder = write_slices(tmp_path / "split", 2)
+    save(folder / "slice_001.png")
+    with pytest.raises(dataset.DataError, match=f"slice_001.png is a .*{expected}"):
+        dataset.list_images(folder)
+
+
+def test_a_decode_failure_inside_the_pipeline_names_the_file(tmp_path):
+    folder = write_slices(tmp_path / "split", 3)
+    paths = dataset.list_images(folder)
+    (folder / "slice_002.png").write_bytes(b"corrupted after the check")
+    with pytest.raises(dataset.DataError, match="slice_002.png could not be decoded"):
+        with dataset.naming_bad_files(paths):
+            list(dataset.load_split(paths, image_size=32))
+
+
+def test_a_split_folder_given_as_the_root_points_to_its_parent(oasis_root):
+    with pytest.raises(dataset.DataError, match="one split folder: pass the folder that holds"):
+        dataset.oasis_split_dirs(oasis_root / "keras_png_slices_train")

@@ -137,14 +137,19 @@ def test_vqvae_saves_and_loads_as_keras_file_with_codebook_state(tmp_path):
     assert loaded.get_config()["codebook_size"] == 8
 
 
-def test_a_few_training_steps_lower_the_loss():
+@pytest.mark.parametrize("use_ema, precision", [(True, "float32"), (False, "float32"),
+                                                 (True, "mixed_bfloat16")])
+def test_a_few_training_steps_lower_the_loss(use_ema, precision):
     keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy(precision)
     model = modules.VQVAE(image_size=16, width=8, code_dim=4, codebook_size=8, seed=0,
-                          data_variance=0.1)
+                          data_variance=0.1, use_ema=use_ema)
+    assert model.quantizer.compute_dtype == "float32"  # under mixed precision too
     model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
     images = np.random.default_rng(9).random((16, 16, 16, 1)).astype("float32")
     images = tf.data.Dataset.from_tensor_slices(images).batch(8)
     history = model.fit(images, epochs=15, shuffle=False, verbose=0).history
+    assert np.all(np.isfinite(history["loss"]))
     assert history["loss"][-1] < 0.7 * history["loss"][0]
 
 

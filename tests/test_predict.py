@@ -28,3 +28,21 @@ def test_predict_on_an_explicit_test_folder_with_last_weights(trained_run, oasis
 def test_missing_checkpoint_says_what_to_pass(tmp_path):
     with pytest.raises(SystemExit, match="--checkpoint must be the --out folder"):
         predict.main(["--checkpoint", str(tmp_path)])
+
+
+def test_bad_predict_flags_and_paths_exit_with_a_clear_message(trained_run, capsys):
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(trained_run), "--examples", "0"])
+    assert "--examples must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no/such/folder does not exist"):
+        predict.main(["--checkpoint", str(trained_run), "--test-dir", "no/such/folder"])
+
+
+def test_a_damaged_checkpoint_is_reported_not_crashed_on(trained_run, tmp_path):
+    for name in ("config.json", "state.json"):
+        (tmp_path / name).write_bytes((trained_run / name).read_bytes())
+    (tmp_path / "last.keras").write_bytes(b"not a keras file")
+    with pytest.raises(SystemExit, match="could not load .*last.keras"):
+        predict.main(["--checkpoint", str(tmp_path), "--weights", "last"])
+    with pytest.raises(SystemExit, match="Try --weights last"):
+        predict.main(["--checkpoint", str(tmp_path)])

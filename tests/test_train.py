@@ -90,6 +90,10 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, argv, message, capsys):
     (["--width", "4"], "--width must be at least 8"),
     (["--ema-decay", "1.5"], "--ema-decay must be between 0 and 1"),
     (["--resume", "--learning-rate", "0.1"], "only --epochs, --time-limit and --out"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
+    (["--beta", "-1"], "--beta must be a number >= 0"),
+    (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    (["--out", __file__], "is a file, not a folder"),
 ])
 def test_impossible_settings_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -118,3 +122,23 @@ def test_a_new_seed_rebuilds_the_demo_set(tmp_path, monkeypatch):
     train.resolve_splits(train.Config(seed=1))
     assert (tmp_path / first / "demo_0000.png").read_bytes() != image
     assert (tmp_path / "data" / "demo" / "complete").read_text() == "seed 1\n"
+
+
+def test_resume_needs_more_epochs_than_done(trained_run):
+    with pytest.raises(SystemExit, match="has done 2 epochs already: pass --epochs larger"):
+        train.main(["--resume", "--epochs", "2", "--out", str(trained_run)])
+
+
+def test_a_new_run_never_overwrites_an_old_one(oasis_root, trained_run):
+    before = (trained_run / "last.keras").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a training run: continue it with"):
+        train.main(["--data", str(oasis_root), "--out", str(trained_run), *TINY])
+    assert (trained_run / "last.keras").read_bytes() == before
+
+
+def test_an_explicit_time_limit_of_zero_lifts_the_demo_cap(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
+    config = train.parse_args(["--time-limit", "0"])[0]
+    train.resolve_splits(config)
+    assert config.time_limit == 0
