@@ -123,11 +123,11 @@ def parse_args(argv=None):
 
 def check(config, parser):
     """Refuse impossible settings before any work is done."""
-    for name in ("image_size", "epochs", "batch_size", "code_dim", "progress_images",
-                 "dead_code_steps"):
-        if getattr(config, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    problems = {"--width must be at least 8": config.width < 8,
+    at_least_one = ("image_size", "epochs", "batch_size", "code_dim", "progress_images",
+                    "dead_code_steps")
+    problems = {f"--{name.replace('_', '-')} must be at least 1": getattr(config, name) < 1
+                for name in at_least_one}
+    problems |= {"--width must be at least 8": config.width < 8,
                 "--codebook-size must be at least 2": config.codebook_size < 2,
                 "--res-blocks cannot be negative": config.res_blocks < 0,
                 "--seed must be between 0 and 2**32 - 1": not 0 <= config.seed < 2**32,
