@@ -1,10 +1,14 @@
-"""Reconstruct a test split with a trained VQ-VAE: metrics, side-by-side comparisons, a grid.
+"""Reconstruct a test split with a trained VQ-VAE, or generate new slices with its prior.
 
     python predict.py                          # checkpoint and test split from out/config.json
     python predict.py --checkpoint out --test-dir ../shared/data/brain-slices/validate
+    python predict.py --generate 16            # 16 new slices from the prior, and their metrics
 
-Writes into --out (default: <checkpoint folder>/predict): report.json, comparison_NNN.png
-(original | reconstruction | absolute difference) for --examples images, comparison_grid.png.
+Reconstruction writes into --out (default: <checkpoint folder>/predict): report.json,
+comparison_NNN.png (original | reconstruction | absolute difference), comparison_grid.png.
+Generation writes into --out (default: <checkpoint folder>/generate): sample_NNN.png,
+samples_grid.png and generation_report.json (speed, and unless --no-metrics: likelihood,
+diversity, memorisation and realism, each next to its baselines; see metrics.py).
 """
 
 import argparse
@@ -23,9 +27,12 @@ import tensorflow as tf  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import dataset  # noqa: E402
+import metrics  # noqa: E402
 import modules  # noqa: E402
+from monitor import file_sha256, write_json  # noqa: E402
 
 FOREGROUND = 0.02  # pixels brighter than this in the original count as brain, not background
 
@@ -42,10 +49,23 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="", help="output folder (default <checkpoint>/predict)")
     parser.add_argument("--examples", type=int, default=8, help="comparisons to save")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="sample N new slices from the prior instead of reconstructing")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature (below 1: safer, less varied slices)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="with --generate: only sample, skip the metrics")
     args = parser.parse_args(argv)
     for name in ("examples", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.generate < 0:
+        parser.error("--generate must be a number of slices (at least 1)")
+    if args.generate == 1 and not args.no_metrics:
+        parser.error("--generate needs at least 2 slices for its metrics (or add --no-metrics)")
+    if not 0 < args.temperature < 100:
+        parser.error("--temperature must be a positive number below 100")
     return args
 
 
@@ -59,12 +79,31 @@ def load_run(folder, weights):
                     if weights == "best" and (folder / "last.keras").exists() else "")
             sys.exit(f"error: {path} not found: --checkpoint must be the --out folder of a "
                      f"train.py run (default out/).{hint}")
+    return load_checkpoint(model_path), json.loads(config_path.read_text())
+
+
+def load_checkpoint(path):
     try:
-        model = keras.models.load_model(model_path)
+        return keras.models.load_model(path)
     except Exception as error:
-        sys.exit(f"error: could not load {model_path} ({str(error).splitlines()[0]}). It may "
+        sys.exit(f"error: could not load {path} ({str(error).splitlines()[0]}). It may "
                  f"be damaged or written by an older version of modules.py: train again.")
-    return model, json.loads(config_path.read_text())
+
+
+def load_generator(folder):
+    """(prior, VQ-VAE, saved config): prior_best.keras and the best.keras it was trained on."""
+    folder = Path(folder)
+    prior_path, state_path = folder / "prior_best.keras", folder / "prior_state.json"
+    if not prior_path.exists() or not state_path.exists():
+        sys.exit(f"error: {prior_path} not found: this run has no prior. `python train.py` "
+                 f"trains one after the VQ-VAE; `python train.py --prior-only --out {folder}` "
+                 f"adds one to a finished run.")
+    vqvae, config = load_run(folder, "best")
+    if json.loads(state_path.read_text())["vqvae_sha256"] != file_sha256(folder / "best.keras"):
+        sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
+                 f"codes: delete {state_path} and train a new prior (python train.py "
+                 f"--prior-only --out {folder}).")
+    return load_checkpoint(prior_path), vqvae, config
 
 
 def test_folder(args, config):
@@ -106,7 +145,8 @@ def foreground_psnr(images, reconstructions):
 
 def summarise(values):
     return {"mean": float(np.mean(values)), "median": float(np.median(values)),
-            "p5": float(np.percentile(values, 5)), "min": float(np.min(values))}
+            "p5": float(np.percentile(values, 5)), "min": float(np.min(values)),
+            "max": float(np.max(values))}
 
 
 def save_comparison(ax_row, original, reconstruction, ssim, psnr):
@@ -136,11 +176,35 @@ def save_figures(out, images, reconstructions, ssim, psnr, count):
     plt.close(fig)
 
 
+def device():
+    return "GPU" if tf.config.list_physical_devices("GPU") else f"CPU ({os.cpu_count()} cores)"
+
+
+def save_samples(out, samples, columns=8):
+    """sample_NNN.png for each slice, and samples_grid.png with up to 64 of them."""
+    for n, image in enumerate(samples):
+        pixels = (image[..., 0] * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(out / f"sample_{n:03d}.png")
+    shown = samples[:64]
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False,
+                             facecolor="black")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, shown):
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(out / "samples_grid.png", dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    model, config = load_run(args.checkpoint, args.weights)
     try:
-        evaluate(args, model, config)
+        if args.generate:
+            generate(args, *load_generator(args.checkpoint))
+        else:
+            evaluate(args, *load_run(args.checkpoint, args.weights))
     except dataset.DataError as error:
         sys.exit(f"error: {error}")
 
@@ -162,7 +226,7 @@ def evaluate(args, model, config):
         "foreground_psnr_db": summarise(foreground_psnr(images, reconstructions)),
         "codebook_usage": float(usage), "perplexity": float(perplexity),
         "codebook_size": model.codebook_size, "images_per_second": per_second,
-        "device": "GPU" if tf.config.list_physical_devices("GPU") else f"CPU ({os.cpu_count()} cores)",
+        "device": device(),
     }
     out = Path(args.out or Path(args.checkpoint) / "predict")
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +241,103 @@ def evaluate(args, model, config):
           f"{perplexity:.1f}, {per_second:.1f} images/s on {report['device']}")
     print(f"wrote {out / 'report.json'}, {min(args.examples, len(images))} comparisons and "
           f"comparison_grid.png")
+
+
+def generate(args, prior, vqvae, config):
+    """Sample --generate code maps, decode them, save them; then measure them (metrics.py)."""
+    out = Path(args.out or Path(args.checkpoint) / "generate")
+    out.mkdir(parents=True, exist_ok=True)
+    folders = None if args.no_metrics else (test_folder(args, config), config["splits"]["train"])
+    started = time.perf_counter()
+    draw = prior.sampler(args.generate, args.temperature, args.seed)  # traced once
+    traced = time.perf_counter()
+    samples = vqvae.decode_all(draw().numpy())
+    seconds = time.perf_counter() - traced
+    save_samples(out, samples)
+    report = {"checkpoint": str(Path(args.checkpoint) / "prior_best.keras"),
+              "samples": len(samples), "temperature": args.temperature, "seed": args.seed,
+              "code_map": [prior.grid_size, prior.grid_size],
+              "trace_seconds": traced - started, "seconds": seconds,
+              "images_per_second": len(samples) / seconds, "device": device()}
+    print(f"generated {len(samples)} slices in {seconds:.1f} s: {len(samples) / seconds:.2f} "
+          f"images/s on {report['device']} (sampling and decoding; {traced - started:.1f} s "
+          f"more to trace the sampler once); wrote {out}/sample_*.png and samples_grid.png",
+          flush=True)
+    if folders:
+        report["metrics"] = generation_metrics(args, prior, vqvae, config, samples, *folders)
+    write_json(report, out / "generation_report.json")
+    print(f"wrote {out / 'generation_report.json'}")
+
+
+def load_images(folder, image_size, batch_size):
+    paths = dataset.list_images(folder)
+    with dataset.naming_bad_files(paths):
+        return np.concatenate([b.numpy() for b in dataset.load_split(paths, image_size,
+                                                                      batch_size)])
+
+
+def generation_metrics(args, prior, vqvae, config, samples, test_dir, train_dir):
+    """The four measures of metrics.py, each next to its baselines, printed as a table.
+
+    Real slices: n test slices (n = samples, at most half the test split), evenly spaced.
+    Their reconstructions come from n *other* test slices, so that the realism floor compares
+    two different sets, as samples and real slices are; so does the real-vs-real row.
+    """
+    size, K = config["train"]["image_size"], vqvae.codebook_size
+    test = load_images(test_dir, size, args.batch_size)
+    train = load_images(train_dir, size, args.batch_size)
+    n = min(len(samples), len(test) // 2)
+    if n < 2:
+        sys.exit(f"error: the metrics need at least 4 test slices, found {len(test)}.")
+    picks = np.linspace(0, len(test) - 1, 2 * n).round().astype(int)
+    real, other = test[picks[0::2]], test[picks[1::2]]
+    samples = samples[:n]
+    test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // args.batch_size)))
+    train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // args.batch_size)))
+    other_codes = test_codes[picks[1::2]]
+    rng = np.random.default_rng(args.seed)
+    shuffled = np.stack([rng.permutation(c.ravel()).reshape(c.shape) for c in other_codes])
+    features = metrics.feature_network()
+    feature = lambda images: features.predict(images, batch_size=32, verbose=0)  # noqa: E731
+    real_features = feature(real)
+    sample_nearest, _ = metrics.nearest_training_ssim(samples, train)
+    real_nearest, _ = metrics.nearest_training_ssim(real, train)
+    result = {
+        "images_compared": n,
+        "bits_per_test_code": {"prior": metrics.prior_bits(prior, test_codes),
+                               "unigram": metrics.unigram_bits(train_codes, test_codes, K),
+                               "uniform": float(np.log2(K))},
+        "mean_pairwise_ms_ssim": {"samples": metrics.mean_pairwise_ms_ssim(samples),
+                                  "real_test": metrics.mean_pairwise_ms_ssim(real)},
+        "nearest_training_ssim": {"samples": summarise(sample_nearest),
+                                  "real_test": summarise(real_nearest)},
+        "frechet_distance": {
+            "samples": metrics.frechet_distance(real_features, feature(samples)),
+            "real_test_other_half": metrics.frechet_distance(real_features, feature(other)),
+            "test_reconstructions": metrics.frechet_distance(
+                real_features, feature(vqvae.decode_all(other_codes))),
+            "shuffled_codes": metrics.frechet_distance(
+                real_features, feature(vqvae.decode_all(shuffled)))},
+    }
+    print_metrics(result)
+    return result
+
+
+def print_metrics(result):
+    bits, div = result["bits_per_test_code"], result["mean_pairwise_ms_ssim"]
+    near, fd = result["nearest_training_ssim"], result["frechet_distance"]
+    print(f"metrics over {result['images_compared']} samples and as many real test slices:")
+    print(f"  prior NLL on test codes   {bits['prior']:.3f} bits/code   (unigram "
+          f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
+    print(f"  diversity, pairwise MS-SSIM   samples {div['samples']:.3f}   real test "
+          f"{div['real_test']:.3f}   (lower = more varied)")
+    print(f"  memorisation, SSIM to the nearest training slice   samples mean "
+          f"{near['samples']['mean']:.3f} max {near['samples']['max']:.3f}   real test mean "
+          f"{near['real_test']['mean']:.3f} max {near['real_test']['max']:.3f}")
+    print(f"  realism, Frechet distance to real test slices (random-CNN features)   samples "
+          f"{fd['samples']:.2f}   other real test slices {fd['real_test_other_half']:.2f}   "
+          f"test reconstructions {fd['test_reconstructions']:.2f}   shuffled codes "
+          f"{fd['shuffled_codes']:.2f}")
 
 
 if __name__ == "__main__":

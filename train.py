@@ -1,18 +1,21 @@
-"""Train the VQ-VAE on OASIS brain slices (or the built-in demo set) and watch it learn.
+"""Train the VQ-VAE on OASIS brain slices (or the built-in demo set), then the PixelCNN prior
+over its codes, and watch both learn.
 
     python train.py                                    # OASIS at data/, else the demo set
     python train.py --data path/to/keras_png_slices_data --epochs 30
     python train.py --train-dir ../shared/data/brain-slices/train \
                     --val-dir ../shared/data/brain-slices/validate --time-limit 30
     python train.py --resume                           # continue the run in --out
+    python train.py --prior-only --out out             # a prior for a run that has none
 
 Everything lands in --out (default out/): best.keras and last.keras (checkpoints, written
 atomically), config.json (what predict.py reads), training_log.csv, tensorboard/, plots,
-progress frames and progress.gif.
+progress frames and progress.gif; for the prior prior_best.keras, prior_last.keras,
+prior_training_log.csv and prior_bits_curve.png.
 """
 
 import argparse
-import csv
+import math
 import dataclasses
 import json
 import os
@@ -23,21 +26,18 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import imageio.v2 as imageio  # noqa: E402
 import keras  # noqa: E402
-import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
 import dataset  # noqa: E402
+import metrics  # noqa: E402
 import modules  # noqa: E402
+from monitor import (Checkpoints, Plots, ProgressGif, WallClock, draw_vqvae_curves,  # noqa: E402
+                     file_sha256, prior_curve_drawer, write_json)
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
-DEMO_MINUTES = 7.0  # so the first `python train.py` ends within 10 minutes on a 2-core CPU
+DEMO_MINUTES, DEMO_PRIOR_MINUTES = 6.0, 3.0  # the first `python train.py`: ~10 min, 2 cores
 
 
 @dataclasses.dataclass
@@ -67,6 +67,14 @@ class Config:
     ema_decay: float = 0.99
     dead_code_steps: int = 100
     progress_images: int = 6
+    # stage two: the PixelCNN prior over code maps, trained after the VQ-VAE (0 epochs: none)
+    prior_epochs: int = 20
+    prior_batch_size: int = 32
+    prior_learning_rate: float = 1e-3
+    prior_time_limit: float | None = None  # minutes; 0 = no limit; None = unset
+    prior_width: int = 64
+    prior_layers: int = 12
+    prior_kernel: int = 5
 
 
 HELP = {
@@ -78,7 +86,7 @@ HELP = {
     "epochs": "epochs in all (a resumed run counts the epochs already done)",
     "batch_size": "images per training step", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
-                  "parts included (0: no limit; unset: none, or 7 on the demo set)",
+                  "parts included (0: no limit; unset: none, or 6 on the demo set)",
     "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
     "seed": "seed for weights, shuffling and the demo set",
     "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
@@ -90,41 +98,68 @@ HELP = {
     "ema_decay": "decay of the codebook moving averages",
     "dead_code_steps": "re-seed a code after this many training steps unused",
     "progress_images": "validation images shown in the progress GIF",
+    "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
+    "prior_batch_size": "code maps per prior training step",
+    "prior_learning_rate": "Adam learning rate of the prior",
+    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 3 on the demo set)",
+    "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
+    "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
-RESUMABLE = ("epochs", "time_limit", "out")  # the settings a resumed run may be given
+RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit")
+PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + ("out",)
 
 
 def parse_args(argv=None):
-    """(Config, resume?) from the command line. Flags default to None here so that the ones
-    actually given can be told apart (a resumed run takes the rest from its config.json)."""
+    """(Config, mode) from the command line; mode says resume, prior_only and more_epochs.
+    Flags default to None here so that the ones actually given can be told apart (a resumed
+    or --prior-only run takes the rest from its config.json)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(Config):
         choices = {"precision": ["auto", "float32", "mixed_bfloat16"],
                    "codebook": ["ema", "loss"]}.get(field.name)
-        kind = float if field.name == "time_limit" else type(field.default)
+        kind = float if field.name.endswith("time_limit") else type(field.default)
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind,
                             choices=choices, help=f"{HELP[field.name]} (default: "
                                                   f"{field.default!r})")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run saved in --out with its saved settings "
-                             "(only --epochs and --time-limit may be given)")
+                        help="continue the run saved in --out with its saved settings: the "
+                             "VQ-VAE if it was cut short (or given more --epochs), else the prior")
+    parser.add_argument("--prior-only", action="store_true",
+                        help="train a new prior on the VQ-VAE saved in --out (its best.keras)")
     args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
-    if args.resume:
-        if set(given) - set(RESUMABLE):
-            parser.error(f"--resume keeps the saved settings: only --epochs, --time-limit and "
-                         f"--out may be given, not {', '.join(sorted(set(given) - set(RESUMABLE)))}")
-        config = Config(**{**saved_settings(given.get("out", Config.out)), **given})
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("resume", "prior_only")}
+    allowed = (RESUMABLE if args.resume else PRIOR_SETTINGS if args.prior_only else None)
+    if args.resume and args.prior_only:
+        parser.error("--resume and --prior-only do not go together: --resume continues a "
+                     "prior that was cut short")
+    if allowed is not None:
+        if set(given) - set(allowed):
+            flags = ", ".join("--" + name.replace("_", "-") for name in allowed)
+            extra = ", ".join("--" + name.replace("_", "-")
+                              for name in sorted(set(given) - set(allowed)))
+            parser.error(f"{'--resume' if args.resume else '--prior-only'} keeps the saved "
+                         f"settings: only {flags} may be given, not {extra}")
+        flag = "--resume" if args.resume else "--prior-only"
+        config = Config(**{**saved_settings(given.get("out", Config.out), flag), **given})
     else:
         config = Config(**given)
     check(config, parser)
-    return config, args.resume
+    if args.prior_only and (Path(config.out) / "prior_state.json").exists():
+        parser.error(f"{config.out} holds a prior already: continue it with --resume, or delete "
+                     f"its prior_* files to train a new one")
+    if args.prior_only and config.prior_epochs == 0:
+        parser.error("--prior-only needs --prior-epochs of at least 1")
+    # --epochs or --time-limit with --resume ask the VQ-VAE for more, even if it had finished
+    mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
+                              more_epochs=bool({"epochs", "time_limit"} & set(given)))
+    return config, mode
 
 
 def check(config, parser):
     """Refuse impossible settings before any work is done."""
     at_least_one = ("image_size", "epochs", "batch_size", "code_dim", "progress_images",
-                    "dead_code_steps")
+                    "dead_code_steps", "prior_batch_size", "prior_width", "prior_layers")
     problems = {f"--{name.replace('_', '-')} must be at least 1": getattr(config, name) < 1
                 for name in at_least_one}
     problems |= {"--width must be at least 8": config.width < 8,
@@ -136,6 +171,13 @@ def check(config, parser):
                 "--ema-decay must be between 0 and 1": not 0 < config.ema_decay < 1,
                 "--time-limit must be a number >= 0": config.time_limit is not None
                 and not 0 <= config.time_limit < 1e9,
+                "--prior-time-limit must be a number >= 0": config.prior_time_limit is not None
+                and not 0 <= config.prior_time_limit < 1e9,
+                "--prior-epochs cannot be negative": config.prior_epochs < 0,
+                "--prior-learning-rate must be a positive number":
+                not 0 < config.prior_learning_rate < 1e3,
+                "--prior-kernel must be an odd number >= 3": config.prior_kernel < 3
+                or config.prior_kernel % 2 == 0,
                 f"--out {config.out} is a file, not a folder": Path(config.out).is_file(),
                 f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
                 f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
@@ -145,19 +187,20 @@ def check(config, parser):
             parser.error(message)
 
 
-def saved_settings(out):
-    """The settings saved by the run in `out` (for --resume)."""
+def saved_settings(out, flag):
+    """The settings saved by the run in `out` (for --resume and --prior-only)."""
     path = Path(out) / "config.json"
-    for needed in (path, path.with_name("last.keras"), path.with_name("state.json")):
+    model = "last.keras" if flag == "--resume" else "best.keras"
+    for needed in (path, path.with_name(model), path.with_name("state.json")):
         if not needed.exists():
-            sys.exit(f"error: --resume needs {needed}, which does not exist: start a run with "
+            sys.exit(f"error: {flag} needs {needed}, which does not exist: start a run with "
                      f"this --out first (or check --out).")
     return json.loads(path.read_text())["train"]
 
 
 def resolve_splits(config):
     """Absolute split folders {'train', 'validate', 'test'} (test may be None). With no data
-    given it builds the demo set and, unless --time-limit is set, caps the demo run's time."""
+    given it builds the demo set and, unless a time limit is set, caps the demo run's time."""
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
@@ -167,10 +210,14 @@ def resolve_splits(config):
     root = config.data or (OASIS_DEFAULT if OASIS_DEFAULT.is_dir() else None)
     if root is None:
         root = demo_root(config.seed)
-        if config.time_limit is None:
-            config.time_limit = DEMO_MINUTES
-            print(f"demo run: training stops after about {DEMO_MINUTES:g} minutes "
-                  f"(set --time-limit to change).", flush=True)
+        if config.time_limit is None or config.prior_time_limit is None:
+            if config.time_limit is None:
+                config.time_limit = DEMO_MINUTES
+            if config.prior_time_limit is None:
+                config.prior_time_limit = DEMO_PRIOR_MINUTES
+            print(f"demo run: the VQ-VAE trains for about {config.time_limit:g} minutes and "
+                  f"the prior for about {config.prior_time_limit:g} (set --time-limit and "
+                  f"--prior-time-limit to change).", flush=True)
     dirs = dataset.oasis_split_dirs(root, need_test=False)  # training can go without a test set
     return {split: str(path.resolve()) if path else None for split, path in dirs.items()}
 
@@ -218,148 +265,59 @@ def build_model(config, data_variance):
     return model
 
 
-def save_atomically(write, path):
-    """write(tmp_path) then rename over `path`, so a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name("tmp-" + path.name)
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def write_json(data, path):
-    save_atomically(lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"), path)
-
-
-class WallClock(keras.callbacks.Callback):
-    """Adds epoch_seconds and elapsed_minutes to the logs, prints a one-line summary, and stops
-    training when another epoch would overrun the time limit."""
-
-    def __init__(self, epochs, limit_minutes, elapsed_before=0.0):
-        super().__init__()
-        self.epochs, self.limit, self.elapsed = epochs, (limit_minutes or 0) * 60, elapsed_before
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = time.time() - self.started
-        self.elapsed += seconds
-        logs.update(epoch_seconds=seconds, elapsed_minutes=self.elapsed / 60)
-        print(f"epoch {epoch + 1}/{self.epochs}: val SSIM {logs['val_ssim']:.4f}, "
-              f"PSNR {logs['val_psnr']:.2f} dB, perplexity {logs['val_perplexity']:.0f}, "
-              f"codebook usage {logs['val_codebook_usage']:.0%}, {seconds:.0f} s "
-              f"({self.elapsed / 60:.1f} min in all)", flush=True)
-        if self.limit and self.elapsed + seconds > self.limit:
-            print(f"another epoch would pass the time limit of {self.limit / 60:g} min: "
-                  f"stopping.", flush=True)
-            self.model.stop_training = True
-
-
-class Checkpoints(keras.callbacks.Callback):
-    """Saves last.keras every epoch and best.keras on a new best val_ssim, then state.json."""
-
-    def __init__(self, out, state):
-        super().__init__()
-        self.out, self.state = Path(out), state
-
-    def on_epoch_end(self, epoch, logs=None):
-        save_atomically(self.model.save, self.out / "last.keras")
-        if logs["val_ssim"] > self.state.get("best_val_ssim", -1.0):
-            save_atomically(self.model.save, self.out / "best.keras")
-            self.state.update(best_val_ssim=logs["val_ssim"], best_val_psnr=logs["val_psnr"],
-                              best_epoch=epoch + 1)
-        self.state.update(epochs_done=epoch + 1, elapsed_minutes=logs["elapsed_minutes"])
-        write_json(self.state, self.out / "state.json")
-
-
-class ProgressGif(keras.callbacks.Callback):
-    """Each epoch: reconstruct fixed validation images into frames/epoch_NNN.png, rebuild
-    progress.gif from every frame so far (so a resumed run keeps its history)."""
-
-    def __init__(self, images, out, tile=128):
-        super().__init__()
-        self.images, self.frames, self.out, self.tile = images, Path(out) / "frames", out, tile
-        self.frames.mkdir(parents=True, exist_ok=True)
-
-    def on_epoch_end(self, epoch, logs=None):
-        reconstructions = self.model.predict(self.images, verbose=0)
-        pair = np.concatenate([np.concatenate(list(row), axis=1)
-                               for row in (self.images, reconstructions)], axis=0)
-        frame = Image.fromarray((pair[..., 0] * 255).round().astype(np.uint8))
-        frame = frame.resize((self.tile * len(self.images), self.tile * 2), Image.BILINEAR)
-        canvas = Image.new("L", (frame.width, frame.height + 16))
-        canvas.paste(frame, (0, 16))
-        ImageDraw.Draw(canvas).text((4, 2), f"epoch {epoch + 1}   top: original   bottom: "
-                                    f"reconstruction   val SSIM {logs['val_ssim']:.4f}", fill=255)
-        save_atomically(lambda tmp: canvas.save(tmp, format="PNG"),
-                        self.frames / f"epoch_{epoch + 1:03d}.png")
-        frames = [imageio.imread(p) for p in sorted(self.frames.glob("epoch_*.png"))]
-        save_atomically(lambda tmp: imageio.mimsave(tmp, frames, format="GIF", duration=500,
-                                                    loop=0), Path(self.out) / "progress.gif")
-
-
-class Plots(keras.callbacks.Callback):
-    """Redraws the loss curves (linear and log scale) and the SSIM/PSNR curve from the CSV log
-    after every epoch, so a killed run still has up-to-date plots."""
-
-    def __init__(self, csv_path, out):
-        super().__init__()
-        self.csv_path, self.out = csv_path, Path(out)
-
-    def on_epoch_end(self, epoch, logs=None):
-        with open(self.csv_path) as f:
-            rows = list(csv.DictReader(f))
-        log = {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
-        epochs = log["epoch"] + 1
-        for scale in ("linear", "log"):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for key, color in (("loss", "black"), ("reconstruction_loss", "tab:blue"),
-                               ("vq_loss", "tab:orange")):
-                ax.plot(epochs, log[key], color=color, label=f"train {key}")
-                ax.plot(epochs, log["val_" + key], "--", color=color, label=f"validation {key}")
-            ax.set(xlabel="epoch", ylabel="loss", yscale=scale, title=f"Losses ({scale} scale)")
-            ax.legend(fontsize=8)
-            self._save(fig, f"loss_curves_{scale}.png")
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(epochs, log["val_ssim"], "o-", color="tab:blue")
-        ax.set(xlabel="epoch", ylabel="mean SSIM (whole validation split)",
-               title="Validation SSIM and PSNR")
-        twin = ax.twinx()
-        twin.plot(epochs, log["val_psnr"], "s--", color="tab:red")
-        twin.set_ylabel("mean PSNR (dB)", color="tab:red")
-        self._save(fig, "ssim_curve.png")
-
-    def _save(self, fig, name):
-        fig.tight_layout()
-        save_atomically(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), self.out / name)
-        plt.close(fig)
+def build_prior(config, grid_size, codebook_size):
+    """The one way train.py makes a fresh PixelCNN prior from a Config."""
+    prior = modules.PixelCNNPrior(grid_size=grid_size, codebook_size=codebook_size,
+                                  width=config.prior_width, layers=config.prior_layers,
+                                  kernel_size=config.prior_kernel)
+    prior.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate), jit_compile=False)
+    return prior
 
 
 def main(argv=None):
-    config, resume = parse_args(argv)
+    config, mode = parse_args(argv)
     try:
-        train(config, resume)
+        train(config, mode)
     except dataset.DataError as error:
         sys.exit(f"error: {error}")
 
 
-def train(config, resume):
-    """The whole run: data, model, callbacks, fit; every output goes to config.out."""
+def train(config, mode):
+    """The whole run: the VQ-VAE (stage one), then its prior (stage two), in config.out."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     precision = choose_precision(config.precision)
     keras.mixed_precision.set_global_policy(precision)
-    state = json.loads((out / "state.json").read_text()) if resume else {}
-    if resume and config.epochs <= state["epochs_done"]:
-        sys.exit(f"error: {out} has done {state['epochs_done']} epochs already: pass --epochs "
-                 f"larger than that to train more.")
-    if not resume and (out / "state.json").exists():
+    state = json.loads((out / "state.json").read_text()) if mode.resume or mode.prior_only else {}
+    if not (mode.resume or mode.prior_only) and (out / "state.json").exists():
         sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
                  f"give a new --out folder (or delete {out}) to start another.")
     # a resumed run reads the very folders it was trained on
-    splits = (json.loads((out / "config.json").read_text())["splits"] if resume
+    splits = (json.loads((out / "config.json").read_text())["splits"] if state
               else resolve_splits(config))
+    # --resume continues the VQ-VAE if it was cut short or given more epochs, else the prior
+    vqvae_pending = not mode.prior_only and (not state or mode.more_epochs or (
+        not state.get("finished") and state["epochs_done"] < config.epochs))
+    if mode.prior_only and not state.get("finished"):
+        state["finished"] = True  # a prior is built on it: --resume must not train it further
+        write_json(state, out / "state.json")
+    if not vqvae_pending and not config.prior_epochs:
+        sys.exit(f"error: nothing to do: the VQ-VAE in {out} is trained and it has no prior. "
+                 f"Pass --epochs larger than {state['epochs_done']} or --prior-epochs N.")
+    if vqvae_pending:
+        train_vqvae(config, out, splits, state, precision)
+    if config.prior_epochs:
+        train_prior(config, out, splits, resume=mode.resume and not vqvae_pending)
+
+
+def train_vqvae(config, out, splits, state, precision):
+    """Stage one: fit the VQ-VAE; best.keras, last.keras, state.json, logs and plots."""
+    resume = bool(state)
+    state.pop("finished", None)  # set again only when this fit ends well
+    if resume and config.epochs <= state["epochs_done"]:
+        sys.exit(f"error: {out} has done {state['epochs_done']} epochs already: pass --epochs "
+                 f"larger than that to train more.")
     train_paths = dataset.list_images(splits["train"])
     val_paths = dataset.list_images(splits["validate"])
     if splits["test"]:
@@ -385,27 +343,98 @@ def train(config, resume):
           f"{config.codebook_size} codes")
 
     csv_path = out / "training_log.csv"
+    describe = (lambda logs: f"val SSIM {logs['val_ssim']:.4f}, PSNR {logs['val_psnr']:.2f} dB, "
+                f"perplexity {logs['val_perplexity']:.0f}, codebook usage "
+                f"{logs['val_codebook_usage']:.0%}")
     callbacks = [
-        WallClock(config.epochs, config.time_limit, state.get("elapsed_minutes", 0.0) * 60),
+        WallClock(config.epochs, config.time_limit, state.get("elapsed_minutes", 0.0) * 60,
+                  describe),
         keras.callbacks.CSVLogger(str(csv_path), append=resume),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
         Checkpoints(out, state),
         ProgressGif(dataset.fixed_batch(val_paths, config.image_size, config.progress_images),
                     out),
-        Plots(csv_path, out),
+        Plots(csv_path, out, draw_vqvae_curves),
     ]
     started = time.time()
     # A progress bar in a terminal; one line per epoch when the output goes to a file.
     # shuffle=False: the training dataset shuffles itself.
     with dataset.naming_bad_files(train_paths + val_paths):
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                  initial_epoch=state.get("epochs_done", 0), callbacks=callbacks, shuffle=False,
-                  verbose=1 if sys.stdout.isatty() else 2)
-    summary = {**json.loads((out / "state.json").read_text()),
-               "this_run_minutes": (time.time() - started) / 60, "precision": precision}
+        history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                            initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
+                            shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    if not np.isfinite(history.history["loss"][-1]):
+        sys.exit(f"error: the loss became NaN and training stopped; {out} keeps the epochs "
+                 f"before it. Try a lower --learning-rate in a new run.")
+    state["finished"] = True  # all epochs done, or the time limit reached
+    write_json(state, out / "state.json")
+    summary = {**state, "this_run_minutes": (time.time() - started) / 60, "precision": precision}
     write_json(summary, out / "train_summary.json")
     print("done:", json.dumps(summary))
+
+
+def train_prior(config, out, splits, resume):
+    """Stage two: encode the train and validation splits once with best.keras, then fit the
+    PixelCNN prior on the code maps; prior_best.keras, prior_last.keras, prior_state.json."""
+    vqvae_path = out / "best.keras"
+    state_path = out / "prior_state.json"
+    fingerprint = file_sha256(vqvae_path)
+    resume = resume and state_path.exists()
+    state = json.loads(state_path.read_text()) if resume else {"vqvae_sha256": fingerprint}
+    if state["vqvae_sha256"] != fingerprint:
+        sys.exit(f"error: {vqvae_path} changed after the prior in {out} was trained on it: "
+                 f"train a new prior with --prior-only (delete {state_path} first).")
+    if resume and config.prior_epochs <= state["epochs_done"]:
+        sys.exit(f"error: the prior in {out} has done {state['epochs_done']} epochs already: "
+                 f"pass --prior-epochs larger than that to train it more.")
+    started = time.time()
+    vqvae = keras.models.load_model(vqvae_path)
+    codes = {}
+    for split in ("train", "validate"):
+        paths = dataset.list_images(splits[split])
+        with dataset.naming_bad_files(paths):
+            codes[split] = vqvae.encode_all(dataset.load_split(paths, config.image_size, 64))
+    grid, K = codes["train"].shape[1], vqvae.codebook_size
+    print(f"prior: encoded {len(codes['train'])} train and {len(codes['validate'])} validation "
+          f"slices into {grid}x{grid} code maps with {vqvae_path} "
+          f"({time.time() - started:.0f} s)", flush=True)
+    baselines = {"uniform": math.log2(K),
+                 "unigram": metrics.unigram_bits(codes["train"], codes["validate"], K)}
+    prior = (keras.models.load_model(out / "prior_last.keras") if resume
+             else build_prior(config, grid, K))
+    saved = json.loads((out / "config.json").read_text())
+    write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
+               out / "config.json")
+    print(f"prior: {prior.count_params():,} parameters; validation baselines in bits per code: "
+          f"uniform {baselines['uniform']:.3f}, unigram {baselines['unigram']:.3f}", flush=True)
+
+    train_ds = (tf.data.Dataset.from_tensor_slices(codes["train"])
+                .shuffle(len(codes["train"]), seed=config.seed + state.get("epochs_done", 0))
+                .batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
+    val_ds = tf.data.Dataset.from_tensor_slices(codes["validate"]).batch(config.prior_batch_size)
+    csv_path = out / "prior_training_log.csv"
+    describe = (lambda logs: f"bits per code: train {logs['bits_per_code']:.3f}, validation "
+                f"{logs['val_bits_per_code']:.3f}")
+    callbacks = [
+        WallClock(config.prior_epochs, config.prior_time_limit,
+                  state.get("elapsed_minutes", 0.0) * 60, describe, name="prior "),
+        keras.callbacks.CSVLogger(str(csv_path), append=resume),
+        keras.callbacks.TensorBoard(str(out / "tensorboard" / "prior"), profile_batch=0),
+        keras.callbacks.TerminateOnNaN(),
+        Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False),
+        Plots(csv_path, out, prior_curve_drawer(baselines)),
+    ]
+    history = prior.fit(train_ds, validation_data=val_ds, epochs=config.prior_epochs,
+                        initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
+                        shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    if not np.isfinite(history.history["bits_per_code"][-1]):
+        sys.exit(f"error: the prior's loss became NaN and its training stopped; {out} keeps "
+                 f"the epochs before it. Try a lower --prior-learning-rate.")
+    summary = {**state, "baselines_bits_per_code": baselines,
+               "this_run_minutes": (time.time() - started) / 60}
+    write_json(summary, out / "prior_summary.json")
+    print("prior done:", json.dumps(summary))
 
 
 if __name__ == "__main__":

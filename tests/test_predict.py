@@ -1,6 +1,8 @@
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import predict
 
@@ -46,3 +48,42 @@ def test_a_damaged_checkpoint_is_reported_not_crashed_on(trained_run, tmp_path):
         predict.main(["--checkpoint", str(tmp_path), "--weights", "last"])
     with pytest.raises(SystemExit, match="Try --weights last"):
         predict.main(["--checkpoint", str(tmp_path)])
+
+
+def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, capsys):
+    predict.main(["--checkpoint", str(trained_run), "--generate", "4", "--out", str(tmp_path)])
+    samples = sorted(tmp_path.glob("sample_*.png"))
+    assert [p.name for p in samples] == [f"sample_{i:03d}.png" for i in range(4)]
+    pixels = np.array(Image.open(samples[0]))
+    assert pixels.shape == (32, 32) and pixels.dtype == np.uint8
+    assert pixels.max() > 1  # 0..255 grey levels, not the 0..1 floats cast to bytes
+    assert (tmp_path / "samples_grid.png").exists()
+    report = json.loads((tmp_path / "generation_report.json").read_text())
+    assert report["samples"] == 4 and report["code_map"] == [8, 8]
+    assert report["images_per_second"] > 0
+    found = report["metrics"]
+    assert found["images_compared"] == 3  # half of the fixture's 6 test slices
+    bits = found["bits_per_test_code"]
+    assert bits["uniform"] == 4.0 and 0 < bits["prior"] < 6 and 0 < bits["unigram"] <= 4.5
+    for key in ("samples", "real_test"):
+        assert 0 <= found["mean_pairwise_ms_ssim"][key] <= 1
+        assert -1 <= found["nearest_training_ssim"][key]["max"] <= 1
+    distances = found["frechet_distance"]
+    assert set(distances) == {"samples", "real_test_other_half", "test_reconstructions",
+                              "shuffled_codes"}
+    assert all(np.isfinite(d) and d > -1e-6 for d in distances.values())
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "bits/code" in printed and "Frechet" in printed
+
+
+def test_generate_without_metrics_only_samples(trained_run, tmp_path):
+    predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--no-metrics",
+                  "--out", str(tmp_path)])
+    assert "metrics" not in json.loads((tmp_path / "generation_report.json").read_text())
+
+
+def test_generate_without_a_prior_says_how_to_train_one(trained_run, tmp_path):
+    for name in ("config.json", "state.json", "best.keras"):
+        (tmp_path / name).write_bytes((trained_run / name).read_bytes())
+    with pytest.raises(SystemExit, match="this run has no prior.*--prior-only"):
+        predict.main(["--checkpoint", str(tmp_path), "--generate", "2"])

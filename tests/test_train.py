@@ -1,5 +1,7 @@
 import csv
 import json
+import re
+import shutil
 
 import keras
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from PIL import Image
 
 import dataset
+import monitor
 import train
 from conftest import TINY
 
@@ -34,15 +37,14 @@ def test_two_epochs_leave_every_output(trained_run):
     assert json.loads((trained_run / "state.json").read_text())["epochs_done"] == 2
 
 
+def copy_run(run, out):
+    """A copy of a run folder (without tensorboard/), to change while the shared one stays."""
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("tensorboard"))
+    return out
+
+
 def test_resume_continues_with_optimizer_and_codebook_state(trained_run, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    for path in trained_run.iterdir():  # resume a copy: the shared run stays as it was
-        if path.is_file():
-            (out / path.name).write_bytes(path.read_bytes())
-    (out / "frames").mkdir()
-    for frame in (trained_run / "frames").iterdir():
-        (out / "frames" / frame.name).write_bytes(frame.read_bytes())
+    out = copy_run(trained_run, tmp_path / "out")
     before = keras.models.load_model(out / "last.keras")
     steps_per_epoch = before.optimizer.iterations.numpy() // 2
     train.main(["--resume", "--epochs", "3", "--out", str(out)])
@@ -89,7 +91,7 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, argv, message, capsys):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--width", "4"], "--width must be at least 8"),
     (["--ema-decay", "1.5"], "--ema-decay must be between 0 and 1"),
-    (["--resume", "--learning-rate", "0.1"], "only --epochs, --time-limit and --out"),
+    (["--resume", "--learning-rate", "0.1"], "only --epochs, --time-limit, --out, --prior-epochs"),
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
     (["--beta", "-1"], "--beta must be a number >= 0"),
     (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
@@ -142,3 +144,61 @@ def test_an_explicit_time_limit_of_zero_lifts_the_demo_cap(tmp_path, monkeypatch
     config = train.parse_args(["--time-limit", "0"])[0]
     train.resolve_splits(config)
     assert config.time_limit == 0
+
+
+def test_the_prior_trains_after_the_vqvae_and_leaves_its_outputs(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"prior_best.keras", "prior_last.keras", "prior_state.json", "prior_summary.json",
+            "prior_training_log.csv", "prior_bits_curve.png"} <= names
+    assert (trained_run / "tensorboard" / "prior" / "train").is_dir()
+    with open(trained_run / "prior_training_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:  # bits per code: above 0, near log2(16) = 4 for a prior this small
+        assert 0 < float(row["bits_per_code"]) < 6 and 0 < float(row["val_bits_per_code"]) < 6
+    state = json.loads((trained_run / "prior_state.json").read_text())
+    assert state["epochs_done"] == 2
+    assert state["vqvae_sha256"] == monitor.file_sha256(trained_run / "best.keras")
+    summary = json.loads((trained_run / "prior_summary.json").read_text())
+    assert summary["baselines_bits_per_code"]["uniform"] == 4.0
+    prior = json.loads((trained_run / "config.json").read_text())["prior"]
+    assert prior["grid_size"] == 8 and prior["codebook_size"] == 16 and prior["layers"] == 2
+
+
+def test_resume_of_a_finished_vqvae_continues_its_prior(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "out")
+    vqvae = (out / "last.keras").read_bytes()
+    train.main(["--resume", "--prior-epochs", "3", "--out", str(out)])
+    assert (out / "last.keras").read_bytes() == vqvae  # stage one was not touched
+    prior = keras.models.load_model(out / "prior_last.keras")
+    assert prior.optimizer.iterations.numpy() == 3  # 24 maps in one batch: a step per epoch
+    with open(out / "prior_training_log.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+    with pytest.raises(SystemExit, match="pass --prior-epochs larger"):
+        train.main(["--resume", "--out", str(out)])
+
+
+def test_prior_only_adds_a_prior_to_a_vqvae_run(oasis_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(["--data", str(oasis_root), "--epochs", "1", "--out", str(out), *TINY,
+                "--prior-epochs", "0"])
+    assert not (out / "prior_state.json").exists()
+    train.main(["--prior-only", "--prior-epochs", "1", "--prior-width", "4", "--out", str(out)])
+    assert json.loads((out / "prior_state.json").read_text())["epochs_done"] == 1
+    assert json.loads((out / "config.json").read_text())["prior"]["width"] == 4
+    for argv, message in [([], "holds a prior already: continue it with --resume"),
+                          (["--width", "16"], "only --prior-epochs, .* may be given, not --width"),
+                          (["--resume"], "--resume and --prior-only do not go together")]:
+        with pytest.raises(SystemExit):
+            train.main(["--prior-only", *argv, "--out", str(out)])
+        assert re.search(message, capsys.readouterr().err), message
+
+
+def test_a_prior_refuses_a_vqvae_that_changed_under_it(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "out")
+    (out / "best.keras").write_bytes((out / "last.keras").read_bytes() + b"")
+    state = json.loads((out / "prior_state.json").read_text())
+    state["vqvae_sha256"] = "0" * 64
+    (out / "prior_state.json").write_text(json.dumps(state))
+    with pytest.raises(SystemExit, match="changed after the prior"):
+        train.main(["--resume", "--prior-epochs", "5", "--out", str(out)])

@@ -1,0 +1,115 @@
+"""How good are generated slices? Each number comes with a baseline that gives it a scale.
+
+    likelihood    bits per code of held-out code maps under the prior, against a uniform guess
+                  (log2 K) and the training code frequencies (unigram)
+    diversity     mean pairwise MS-SSIM within a set of images: 1 = all identical
+    memorisation  SSIM of each image to its nearest training slice: ~1 = a copy
+    realism       Fréchet distance between feature statistics of two sets of images
+
+Images are float32 (N, H, W, 1) in [0, 1]; code maps are int32 (N, h, w).
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, 5 scales
+SSIM_WINDOW = 11
+
+
+def unigram_bits(train_codes, test_codes, codebook_size):
+    """Bits per code of `test_codes` when each code is drawn independently with its training
+    frequency (add-one smoothed, so a code never seen in training costs log2(N + K) bits)."""
+    counts = np.bincount(np.ravel(train_codes), minlength=codebook_size) + 1.0
+    return float(-np.mean(np.log2(counts / counts.sum())[np.ravel(test_codes)]))
+
+
+def prior_bits(prior, codes, batch_size=32):
+    """Mean bits per code of the code maps (N, h, w) under the prior."""
+    total = sum(float(prior.bits_per_code(codes[i:i + batch_size])) * len(codes[i:i + batch_size])
+                for i in range(0, len(codes), batch_size))
+    return total / len(codes)
+
+
+def ms_ssim(a, b):
+    """Per-pair MS-SSIM (N,) with as many of the 5 standard scales as the image size allows
+    (each scale halves the image; the 11-pixel window must still fit), their weights rescaled
+    to sum to 1 so that fewer scales do not inflate the score."""
+    size = min(a.shape[1], a.shape[2])
+    if size < SSIM_WINDOW:
+        raise ValueError(f"MS-SSIM needs images of at least {SSIM_WINDOW} pixels, got {size}")
+    scales = min(5, int(math.log2(size / SSIM_WINDOW)) + 1)
+    weights = np.array(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
+    return tf.image.ssim_multiscale(a, b, 1.0, power_factors=weights.tolist(),
+                                    filter_size=SSIM_WINDOW).numpy()
+
+
+def mean_pairwise_ms_ssim(images, max_images=64, batch_size=128):
+    """Mean MS-SSIM over every pair among the first `max_images` images (64 -> 2,016 pairs)."""
+    images = tf.constant(images[:max_images])
+    first, second = np.triu_indices(len(images), k=1)
+    scores = [ms_ssim(tf.gather(images, first[i:i + batch_size]),
+                      tf.gather(images, second[i:i + batch_size]))
+              for i in range(0, len(first), batch_size)]
+    return float(np.mean(np.concatenate(scores)))
+
+
+def thumbnails(images, size=64, batch_size=256):
+    """(N, H, W, 1) -> (N, size * size) by area averaging, for a fast nearest-neighbour search
+    (in batches, so a large training split is never copied whole)."""
+    return tf.concat([tf.reshape(tf.image.resize(images[i:i + batch_size], (size, size),
+                                                 method="area"), (-1, size * size))
+                      for i in range(0, len(images), batch_size)], axis=0)
+
+
+def nearest_training_ssim(images, train_images, candidates=20):
+    """For each image, its highest SSIM to any training slice, and that slice's index: (N,), (N,).
+
+    SSIM against all training slices would take minutes on a CPU, so each image is compared
+    with the `candidates` training slices closest in mean squared distance at 64 x 64, where a
+    near copy is the closest of all (the tests check that a copy is found).
+    """
+    query, keys = thumbnails(images), thumbnails(train_images)
+    distances = (tf.reduce_sum(query**2, 1)[:, None] - 2 * tf.matmul(query, keys, transpose_b=True)
+                 + tf.reduce_sum(keys**2, 1)[None])
+    shortlist = tf.math.top_k(-distances, k=min(candidates, len(train_images))).indices.numpy()
+    best, index = np.zeros(len(images)), np.zeros(len(images), int)
+    for n, rows in enumerate(shortlist):
+        image = np.repeat(images[n:n + 1], len(rows), axis=0)
+        ssim = tf.image.ssim(image, train_images[rows], 1.0, filter_size=SSIM_WINDOW).numpy()
+        best[n], index[n] = ssim.max(), rows[ssim.argmax()]
+    return best, index
+
+
+def feature_network(seed=0):
+    """A fixed, randomly initialised CNN: (N, H, W, 1) -> (N, 192) features.
+
+    Four stride-2 3x3 ReLU convolutions (16, 32, 64, 128 channels, He-normal weights from
+    `seed`); the features are the spatial means of the last two maps. Why random weights: they
+    need no download, are the same wherever the pinned versions run, and owe nothing to the
+    VQ-VAE being judged (its own encoder would score its decoder's outputs in its own terms).
+    Trained ImageNet features are not available offline, and were not trained on MRI either.
+    """
+    inputs = keras.Input((None, None, 1))
+    x, maps = inputs, []
+    for i, channels in enumerate((16, 32, 64, 128)):
+        x = keras.layers.Conv2D(channels, 3, strides=2, padding="same", activation="relu",
+                                kernel_initializer=keras.initializers.HeNormal(seed + i),
+                                dtype="float32")(x)
+        maps.append(x)
+    pooled = [keras.layers.GlobalAveragePooling2D(dtype="float32")(m) for m in maps[-2:]]
+    return keras.Model(inputs, keras.layers.Concatenate(dtype="float32")(pooled))
+
+
+def frechet_distance(features_a, features_b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), between the Gaussians
+    fitted to two feature sets (N, F). Symmetric square roots by eigendecomposition."""
+    mean_a, mean_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    trace = np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(np.sum((mean_a - mean_b) ** 2) + trace)

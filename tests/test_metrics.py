@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import linalg
+
+import dataset
+import metrics
+from conftest import BRAIN_SLICES, fake_slice
+
+
+def slices(count, seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    return np.stack([fake_slice(rng, size) for _ in range(count)])[..., None].astype(
+        "float32") / 255
+
+
+def test_unigram_bits_is_the_cross_entropy_of_smoothed_training_frequencies():
+    train = np.array([[0, 0, 0, 1]])  # counts 3, 1, 0 -> add-one: 4, 2, 1 of 7
+    test = np.array([[0, 2]])
+    expected = -(np.log2(4 / 7) + np.log2(1 / 7)) / 2
+    assert metrics.unigram_bits(train, test, 3) == pytest.approx(expected)
+    uniform = np.arange(64).reshape(1, 8, 8) % 4
+    assert metrics.unigram_bits(uniform, uniform, 4) == pytest.approx(2.0)
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 5)), rng.normal(size=(300, 5)) * 1.5 + 0.3
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (np.sum((mean_a - mean_b) ** 2)
+                + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real))
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-9
+
+
+def test_pairwise_ms_ssim_is_one_for_copies_and_lower_for_different_slices():
+    same = np.repeat(slices(1), 4, axis=0)
+    assert metrics.mean_pairwise_ms_ssim(same) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.mean_pairwise_ms_ssim(slices(4)) < 0.95
+
+
+def test_nearest_training_ssim_finds_a_copied_slice():
+    train = slices(30, seed=1)
+    queries = np.concatenate([train[17:18], slices(1, seed=2)])
+    best, index = metrics.nearest_training_ssim(queries, train, candidates=5)
+    assert best[0] == pytest.approx(1.0, abs=1e-5) and index[0] == 17
+    assert best[1] < 0.99
+
+
+def test_feature_network_is_deterministic_and_separates_noise_from_slices():
+    images = slices(40, seed=3)
+    first = metrics.feature_network(seed=0).predict(images, verbose=0)
+    again = metrics.feature_network(seed=0).predict(images, verbose=0)
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == (40, 192)
+    other = slices(40, seed=4)
+    noise = np.random.default_rng(5).uniform(size=images.shape).astype("float32")
+    network = metrics.feature_network(seed=0)
+    features = {name: network.predict(x, verbose=0) for name, x in
+                (("other", other), ("noise", noise))}
+    assert (metrics.frechet_distance(first, features["other"])
+            < 0.1 * metrics.frechet_distance(first, features["noise"]))
+
+
+@pytest.mark.skipif(not BRAIN_SLICES.is_dir(), reason="../shared/data/brain-slices is absent")
+def test_on_real_slices_a_copy_is_found_and_real_brains_are_far_from_noise():
+    paths = dataset.list_images(BRAIN_SLICES / "validate")[:40]
+    real = dataset.fixed_batch(paths, 256, 40)
+    best, index = metrics.nearest_training_ssim(real[[7, 35]], real[:32])
+    assert index[0] == 7 and best[0] == pytest.approx(1.0, abs=1e-5)
+    assert best[1] < 0.99  # slice 35 is not among the 32 "training" slices
+    assert 0.2 < metrics.mean_pairwise_ms_ssim(real[:16]) < 0.99
+
+
+def test_ms_ssim_on_small_images_uses_fewer_scales_with_weights_summing_to_one():
+    a, b = slices(1, seed=6, size=32), slices(1, seed=7, size=32)
+    w = metrics.MS_SSIM_WEIGHTS[:2]  # 32 px fits two scales: 32 and 16
+    ours = metrics.ms_ssim(a, b)[0]
+    by_hand = tf.image.ssim_multiscale(a, b, 1.0, power_factors=[w[0] / sum(w), w[1] / sum(w)],
+                                       filter_size=11).numpy()[0]
+    raw = tf.image.ssim_multiscale(a, b, 1.0, power_factors=list(w), filter_size=11).numpy()[0]
+    assert ours == pytest.approx(by_hand, abs=1e-6) and ours < raw < 1  # raw weights inflate
+    with pytest.raises(ValueError, match="at least 11 pixels"):
+        metrics.ms_ssim(a[:, :8, :8], b[:, :8, :8])
