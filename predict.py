@@ -279,9 +279,9 @@ def load_images(folder, image_size, batch_size):
 def generation_metrics(args, prior, vqvae, config, samples, test_dir, train_dir):
     """The four measures of metrics.py, each next to its baselines, printed as a table.
 
-    Real slices: n test slices (n = samples, at most half the test split), evenly spaced.
-    Their reconstructions come from n *other* test slices, so that the realism floor compares
-    two different sets, as samples and real slices are; so does the real-vs-real row.
+    Real slices: n test slices (n = samples, at most half the test split), evenly spaced. The
+    reconstructions and shuffled codes come from n *other* test slices, so that every realism
+    row compares two different sets of equal size, as samples and real slices are.
     """
     size, K = config["train"]["image_size"], vqvae.codebook_size
     test = load_images(test_dir, size, args.batch_size)
@@ -297,11 +297,13 @@ def generation_metrics(args, prior, vqvae, config, samples, test_dir, train_dir)
     other_codes = test_codes[picks[1::2]]
     rng = np.random.default_rng(args.seed)
     shuffled = np.stack([rng.permutation(c.ravel()).reshape(c.shape) for c in other_codes])
+    reconstructions = vqvae.decode_all(other_codes)
     features = metrics.feature_network()
     feature = lambda images: features.predict(images, batch_size=32, verbose=0)  # noqa: E731
     real_features = feature(real)
-    sample_nearest, _ = metrics.nearest_training_ssim(samples, train)
-    real_nearest, _ = metrics.nearest_training_ssim(real, train)
+    nearest = {name: summarise(metrics.nearest_training_ssim(images, train)[0]) for name, images
+               in (("samples", samples), ("real_test", real),
+                   ("test_reconstructions", reconstructions))}
     result = {
         "images_compared": n,
         "bits_per_test_code": {"prior": metrics.prior_bits(prior, test_codes),
@@ -309,13 +311,12 @@ def generation_metrics(args, prior, vqvae, config, samples, test_dir, train_dir)
                                "uniform": float(np.log2(K))},
         "mean_pairwise_ms_ssim": {"samples": metrics.mean_pairwise_ms_ssim(samples),
                                   "real_test": metrics.mean_pairwise_ms_ssim(real)},
-        "nearest_training_ssim": {"samples": summarise(sample_nearest),
-                                  "real_test": summarise(real_nearest)},
+        "nearest_training_ssim": nearest,
         "frechet_distance": {
             "samples": metrics.frechet_distance(real_features, feature(samples)),
             "real_test_other_half": metrics.frechet_distance(real_features, feature(other)),
-            "test_reconstructions": metrics.frechet_distance(
-                real_features, feature(vqvae.decode_all(other_codes))),
+            "test_reconstructions": metrics.frechet_distance(real_features,
+                                                             feature(reconstructions)),
             "shuffled_codes": metrics.frechet_distance(
                 real_features, feature(vqvae.decode_all(shuffled)))},
     }
@@ -327,17 +328,17 @@ def print_metrics(result):
     bits, div = result["bits_per_test_code"], result["mean_pairwise_ms_ssim"]
     near, fd = result["nearest_training_ssim"], result["frechet_distance"]
     print(f"metrics over {result['images_compared']} samples and as many real test slices:")
-    print(f"  prior NLL on test codes   {bits['prior']:.3f} bits/code   (unigram "
+    print(f"  likelihood: prior NLL on the test codes {bits['prior']:.3f} bits/code (unigram "
           f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
-    print(f"  diversity, pairwise MS-SSIM   samples {div['samples']:.3f}   real test "
-          f"{div['real_test']:.3f}   (lower = more varied)")
-    print(f"  memorisation, SSIM to the nearest training slice   samples mean "
-          f"{near['samples']['mean']:.3f} max {near['samples']['max']:.3f}   real test mean "
-          f"{near['real_test']['mean']:.3f} max {near['real_test']['max']:.3f}")
-    print(f"  realism, Frechet distance to real test slices (random-CNN features)   samples "
-          f"{fd['samples']:.2f}   other real test slices {fd['real_test_other_half']:.2f}   "
-          f"test reconstructions {fd['test_reconstructions']:.2f}   shuffled codes "
-          f"{fd['shuffled_codes']:.2f}")
+    print(f"  diversity, mean pairwise MS-SSIM (lower = more varied): samples "
+          f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}")
+    print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(
+        f"{name.replace('_', ' ')} {near[name]['mean']:.3f} / {near[name]['max']:.3f}"
+        for name in ("samples", "real_test", "test_reconstructions")))
+    print(f"  realism, Frechet distance to real test slices (random-CNN features): samples "
+          f"{fd['samples']:.4g}; floor: other real test slices {fd['real_test_other_half']:.4g}, "
+          f"test reconstructions {fd['test_reconstructions']:.4g}; shuffled codes "
+          f"{fd['shuffled_codes']:.4g}")
 
 
 if __name__ == "__main__":

@@ -67,13 +67,17 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     assert bits["uniform"] == 4.0 and 0 < bits["prior"] < 6 and 0 < bits["unigram"] <= 4.5
     for key in ("samples", "real_test"):
         assert 0 <= found["mean_pairwise_ms_ssim"][key] <= 1
-        assert -1 <= found["nearest_training_ssim"][key]["max"] <= 1
+    assert set(found["nearest_training_ssim"]) == {"samples", "real_test",
+                                                   "test_reconstructions"}
+    for stats in found["nearest_training_ssim"].values():
+        assert -1 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
     distances = found["frechet_distance"]
     assert set(distances) == {"samples", "real_test_other_half", "test_reconstructions",
                               "shuffled_codes"}
     assert all(np.isfinite(d) and d > -1e-6 for d in distances.values())
     printed = capsys.readouterr().out
-    assert "images/s" in printed and "bits/code" in printed and "Frechet" in printed
+    for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet"):
+        assert words in printed
 
 
 def test_generate_without_metrics_only_samples(trained_run, tmp_path):
