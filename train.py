@@ -37,7 +37,8 @@ from monitor import (Checkpoints, Plots, ProgressGif, WallClock, draw_vqvae_curv
                      file_sha256, prior_curve_drawer, write_json)
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
-DEMO_MINUTES, DEMO_PRIOR_MINUTES = 6.0, 3.0  # the first `python train.py`: ~10 min, 2 cores
+DEMO_MINUTES, DEMO_PRIOR_MINUTES = 5.0, 4.0  # the first `python train.py`: ~10 min, 2 cores
+DEMO_DOWNSAMPLE = 8  # 32x32 code maps: a prior learns them in the demo's few minutes
 
 
 @dataclasses.dataclass
@@ -86,10 +87,11 @@ HELP = {
     "epochs": "epochs in all (a resumed run counts the epochs already done)",
     "batch_size": "images per training step", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
-                  "parts included (0: no limit; unset: none, or 6 on the demo set)",
+                  "parts included (0: no limit; unset: none, or 5 on the demo set)",
     "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
     "seed": "seed for weights, shuffling and the demo set",
-    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
+    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the demo "
+                  "set uses 8 unless given)",
     "width": "channels at the latent resolution (at least 8)",
     "res_blocks": "residual blocks at the latent resolution, in encoder and decoder",
     "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
@@ -101,7 +103,7 @@ HELP = {
     "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
     "prior_batch_size": "code maps per prior training step",
     "prior_learning_rate": "Adam learning rate of the prior",
-    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 3 on the demo set)",
+    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
     "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
@@ -152,7 +154,8 @@ def parse_args(argv=None):
         parser.error("--prior-only needs --prior-epochs of at least 1")
     # --epochs or --time-limit with --resume ask the VQ-VAE for more, even if it had finished
     mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
-                              more_epochs=bool({"epochs", "time_limit"} & set(given)))
+                              more_epochs=bool({"epochs", "time_limit"} & set(given)),
+                              given=frozenset(given))
     return config, mode
 
 
@@ -198,9 +201,10 @@ def saved_settings(out, flag):
     return json.loads(path.read_text())["train"]
 
 
-def resolve_splits(config):
+def resolve_splits(config, given=()):
     """Absolute split folders {'train', 'validate', 'test'} (test may be None). With no data
-    given it builds the demo set and, unless a time limit is set, caps the demo run's time."""
+    given it builds the demo set and, for the settings not in `given`, caps the demo run's
+    time and uses --downsample 8, so that its prior can learn something in minutes."""
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
@@ -210,14 +214,16 @@ def resolve_splits(config):
     root = config.data or (OASIS_DEFAULT if OASIS_DEFAULT.is_dir() else None)
     if root is None:
         root = demo_root(config.seed)
-        if config.time_limit is None or config.prior_time_limit is None:
-            if config.time_limit is None:
-                config.time_limit = DEMO_MINUTES
-            if config.prior_time_limit is None:
-                config.prior_time_limit = DEMO_PRIOR_MINUTES
-            print(f"demo run: the VQ-VAE trains for about {config.time_limit:g} minutes and "
-                  f"the prior for about {config.prior_time_limit:g} (set --time-limit and "
-                  f"--prior-time-limit to change).", flush=True)
+        if config.time_limit is None:
+            config.time_limit = DEMO_MINUTES
+        if config.prior_time_limit is None:
+            config.prior_time_limit = DEMO_PRIOR_MINUTES
+        if "downsample" not in given and config.image_size % DEMO_DOWNSAMPLE == 0:
+            config.downsample = DEMO_DOWNSAMPLE
+        print(f"demo run: --downsample {config.downsample}; the VQ-VAE trains for about "
+              f"{config.time_limit:g} minutes and the prior for about "
+              f"{config.prior_time_limit:g} (0: no limit; set --downsample, --time-limit and "
+              f"--prior-time-limit to change).", flush=True)
     dirs = dataset.oasis_split_dirs(root, need_test=False)  # training can go without a test set
     return {split: str(path.resolve()) if path else None for split, path in dirs.items()}
 
@@ -295,7 +301,7 @@ def train(config, mode):
                  f"give a new --out folder (or delete {out}) to start another.")
     # a resumed run reads the very folders it was trained on
     splits = (json.loads((out / "config.json").read_text())["splits"] if state
-              else resolve_splits(config))
+              else resolve_splits(config, mode.given))
     # --resume continues the VQ-VAE if it was cut short or given more epochs, else the prior
     vqvae_pending = not mode.prior_only and (not state or mode.more_epochs or (
         not state.get("finished") and state["epochs_done"] < config.epochs))

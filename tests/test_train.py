@@ -70,6 +70,11 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     splits = train.resolve_splits(config)
     assert "DEMO" in capsys.readouterr().out
     assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
+    assert config.prior_time_limit == train.DEMO_PRIOR_MINUTES
+    assert config.downsample == 8  # 32x32 codes, so the demo's prior learns in minutes
+    given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0"])
+    train.resolve_splits(given[0], given[1].given)
+    assert given[0].downsample == 4 and given[0].prior_time_limit == 0
     assert splits["train"].endswith("data/demo/keras_png_slices_train")
     assert len(dataset.list_images(splits["test"])) == 2
     assert (tmp_path / "data" / "demo" / "complete").exists()
