@@ -280,6 +280,19 @@ def build_prior(config, grid_size, codebook_size):
     return prior
 
 
+def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag):
+    """model.fit from the epoch after the ones in `state`; exits if the loss became NaN
+    (TerminateOnNaN stopped it; the checkpoints keep the epochs before). A progress bar in a
+    terminal, one line per epoch when the output goes to a file. shuffle=False: the training
+    datasets shuffle themselves."""
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                        initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
+                        shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    if not np.isfinite(history.history[loss_name][-1]):
+        sys.exit(f"error: the loss became NaN and training stopped; the checkpoints keep the "
+                 f"epochs before it. Try a lower {rate_flag} in a new run.")
+
+
 def main(argv=None):
     config, mode = parse_args(argv)
     try:
@@ -364,15 +377,8 @@ def train_vqvae(config, out, splits, state, precision):
         Plots(csv_path, out, draw_vqvae_curves),
     ]
     started = time.time()
-    # A progress bar in a terminal; one line per epoch when the output goes to a file.
-    # shuffle=False: the training dataset shuffles itself.
     with dataset.naming_bad_files(train_paths + val_paths):
-        history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                            initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
-                            shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
-    if not np.isfinite(history.history["loss"][-1]):
-        sys.exit(f"error: the loss became NaN and training stopped; {out} keeps the epochs "
-                 f"before it. Try a lower --learning-rate in a new run.")
+        fit(model, train_ds, val_ds, config.epochs, state, callbacks, "loss", "--learning-rate")
     state["finished"] = True  # all epochs done, or the time limit reached
     write_json(state, out / "state.json")
     summary = {**state, "this_run_minutes": (time.time() - started) / 60, "precision": precision}
@@ -431,12 +437,8 @@ def train_prior(config, out, splits, resume):
         Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False),
         Plots(csv_path, out, prior_curve_drawer(baselines)),
     ]
-    history = prior.fit(train_ds, validation_data=val_ds, epochs=config.prior_epochs,
-                        initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
-                        shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
-    if not np.isfinite(history.history["bits_per_code"][-1]):
-        sys.exit(f"error: the prior's loss became NaN and its training stopped; {out} keeps "
-                 f"the epochs before it. Try a lower --prior-learning-rate.")
+    fit(prior, train_ds, val_ds, config.prior_epochs, state, callbacks, "bits_per_code",
+        "--prior-learning-rate")
     summary = {**state, "baselines_bits_per_code": baselines,
                "this_run_minutes": (time.time() - started) / 60}
     write_json(summary, out / "prior_summary.json")
