@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,24 @@ def save_atomically(write, path):
 
 def write_json(data, path):
     save_atomically(lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"), path)
+
+
+def read_json(path):
+    """A JSON file written by train.py, or a clear exit naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: could not read {path} ({error}): it is missing or damaged. Start a "
+                 f"new run, or restore the file.")
+
+
+def load_checkpoint(path):
+    """A .keras checkpoint, or a clear exit naming it."""
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:
+        sys.exit(f"error: could not load {path} ({str(error).splitlines()[0]}). It may "
+                 f"be damaged or written by an older version of modules.py: train again.")
 
 
 def file_sha256(path):
@@ -65,7 +84,8 @@ class WallClock(keras.callbacks.Callback):
 
 class Checkpoints(keras.callbacks.Callback):
     """Saves {prefix}last.keras every epoch and {prefix}best.keras when `monitor` improves,
-    then {prefix}state.json (epochs done, time used, every val_ metric of the best epoch)."""
+    then {prefix}state.json (epochs done, time used, every val_ metric of the best epoch).
+    An epoch with a NaN or infinite value saves nothing and stops training."""
 
     def __init__(self, out, state, prefix="", monitor="val_ssim", higher_is_better=True):
         super().__init__()
@@ -73,6 +93,9 @@ class Checkpoints(keras.callbacks.Callback):
         self.monitor, self.sign = monitor, 1.0 if higher_is_better else -1.0
 
     def on_epoch_end(self, epoch, logs=None):
+        if not all(np.isfinite(value) for value in logs.values()):
+            self.model.stop_training = True  # a NaN epoch is neither saved nor counted
+            return
         save_atomically(self.model.save, self.out / f"{self.prefix}last.keras")
         best = self.state.get("best_" + self.monitor)
         if best is None or self.sign * (logs[self.monitor] - best) > 0:

@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
-from monitor import file_sha256, write_json  # noqa: E402
+from monitor import file_sha256, load_checkpoint, read_json, write_json  # noqa: E402
 
 FOREGROUND = 0.02  # pixels brighter than this in the original count as brain, not background
 
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default="out",
                         help="run folder of train.py (holds config.json and best.keras)")
     parser.add_argument("--weights", choices=["best", "last"], default="best",
-                        help="best.keras (highest validation SSIM) or last.keras")
+                        help="best.keras (highest validation SSIM) or last.keras; --generate "
+                             "always uses best.keras, the one its prior learned from")
     parser.add_argument("--data", default="", help="OASIS root: its test split is used")
     parser.add_argument("--test-dir", default="", help="folder of test slices")
     parser.add_argument("--out", default="", help="output folder (default <checkpoint>/predict)")
@@ -79,15 +80,11 @@ def load_run(folder, weights):
                     if weights == "best" and (folder / "last.keras").exists() else "")
             sys.exit(f"error: {path} not found: --checkpoint must be the --out folder of a "
                      f"train.py run (default out/).{hint}")
-    return load_checkpoint(model_path), json.loads(config_path.read_text())
-
-
-def load_checkpoint(path):
-    try:
-        return keras.models.load_model(path)
-    except Exception as error:
-        sys.exit(f"error: could not load {path} ({str(error).splitlines()[0]}). It may "
-                 f"be damaged or written by an older version of modules.py: train again.")
+    config = read_json(config_path)
+    # run the model in the precision it was trained in: layers rebuilt on loading take the
+    # global policy, and float32 layers would pick slightly different codes than training did
+    keras.mixed_precision.set_global_policy(config.get("precision", "float32"))
+    return load_checkpoint(model_path), config
 
 
 def load_generator(folder):
@@ -99,7 +96,7 @@ def load_generator(folder):
                  f"trains one after the VQ-VAE; `python train.py --prior-only --out {folder}` "
                  f"adds one to a finished run.")
     vqvae, config = load_run(folder, "best")
-    if json.loads(state_path.read_text())["vqvae_sha256"] != file_sha256(folder / "best.keras"):
+    if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
         sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
                  f"codes: delete {state_path} and train a new prior (python train.py "
                  f"--prior-only --out {folder}).")
@@ -248,6 +245,12 @@ def generate(args, prior, vqvae, config):
     out = Path(args.out or Path(args.checkpoint) / "generate")
     out.mkdir(parents=True, exist_ok=True)
     folders = None if args.no_metrics else (test_folder(args, config), config["splits"]["train"])
+    if folders:  # find bad data before minutes of sampling, not after
+        test_count = len(dataset.list_images(folders[0]))
+        dataset.list_images(folders[1])
+        if test_count < 4:
+            sys.exit(f"error: the metrics need at least 4 test slices, {folders[0]} has "
+                     f"{test_count}: pass another --test-dir, or --no-metrics.")
     started = time.perf_counter()
     draw = prior.sampler(args.generate, args.temperature, args.seed)  # traced once
     traced = time.perf_counter()

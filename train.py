@@ -34,7 +34,7 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
 from monitor import (Checkpoints, Plots, ProgressGif, WallClock, draw_vqvae_curves,  # noqa: E402
-                     file_sha256, prior_curve_drawer, write_json)
+                     file_sha256, load_checkpoint, prior_curve_drawer, read_json, write_json)
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
 DEMO_MINUTES, DEMO_PRIOR_MINUTES = 5.0, 4.0  # the first `python train.py`: ~10 min, 2 cores
@@ -151,7 +151,9 @@ def parse_args(argv=None):
         parser.error(f"{config.out} holds a prior already: continue it with --resume, or delete "
                      f"its prior_* files to train a new one")
     if args.prior_only and config.prior_epochs == 0:
-        parser.error("--prior-only needs --prior-epochs of at least 1")
+        if "prior_epochs" in given:
+            parser.error("--prior-only needs --prior-epochs of at least 1")
+        config.prior_epochs = Config.prior_epochs  # the run was saved with its prior off
     # --epochs or --time-limit with --resume ask the VQ-VAE for more, even if it had finished
     mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
                               more_epochs=bool({"epochs", "time_limit"} & set(given)),
@@ -181,7 +183,10 @@ def check(config, parser):
                 not 0 < config.prior_learning_rate < 1e3,
                 "--prior-kernel must be an odd number >= 3": config.prior_kernel < 3
                 or config.prior_kernel % 2 == 0,
-                f"--out {config.out} is a file, not a folder": Path(config.out).is_file(),
+                f"--out {config.out} is, or is inside, a file, not a folder": any(
+                    p.is_file() for p in (Path(config.out), *Path(config.out).parents)),
+                "--image-size must be at least 16 (SSIM's 11-pixel window must fit)":
+                config.image_size < 16,
                 f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
                 f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
                 or config.image_size % config.downsample != 0}
@@ -198,7 +203,7 @@ def saved_settings(out, flag):
         if not needed.exists():
             sys.exit(f"error: {flag} needs {needed}, which does not exist: start a run with "
                      f"this --out first (or check --out).")
-    return json.loads(path.read_text())["train"]
+    return read_json(path)["train"]
 
 
 def resolve_splits(config, given=()):
@@ -308,12 +313,12 @@ def train(config, mode):
     keras.utils.set_random_seed(config.seed)
     precision = choose_precision(config.precision)
     keras.mixed_precision.set_global_policy(precision)
-    state = json.loads((out / "state.json").read_text()) if mode.resume or mode.prior_only else {}
+    state = read_json(out / "state.json") if mode.resume or mode.prior_only else {}
     if not (mode.resume or mode.prior_only) and (out / "state.json").exists():
         sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
                  f"give a new --out folder (or delete {out}) to start another.")
     # a resumed run reads the very folders it was trained on
-    splits = (json.loads((out / "config.json").read_text())["splits"] if state
+    splits = (read_json(out / "config.json")["splits"] if state
               else resolve_splits(config, mode.given))
     # --resume continues the VQ-VAE if it was cut short or given more epochs, else the prior
     vqvae_pending = not mode.prior_only and (not state or mode.more_epochs or (
@@ -337,6 +342,9 @@ def train_vqvae(config, out, splits, state, precision):
     if resume and config.epochs <= state["epochs_done"]:
         sys.exit(f"error: {out} has done {state['epochs_done']} epochs already: pass --epochs "
                  f"larger than that to train more.")
+    # a prior learned the codes of the old VQ-VAE: forget it, so that a run killed before the
+    # new prior's first epoch resumes into a fresh prior rather than a stale one
+    (out / "prior_state.json").unlink(missing_ok=True)
     train_paths = dataset.list_images(splits["train"])
     val_paths = dataset.list_images(splits["validate"])
     if splits["test"]:
@@ -349,7 +357,7 @@ def train_vqvae(config, out, splits, state, precision):
     val_ds = dataset.load_split(val_paths, config.image_size, config.batch_size)
 
     if resume:
-        model = keras.models.load_model(out / "last.keras")
+        model = load_checkpoint(out / "last.keras")
         print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
     else:
         variance = float(np.var(dataset.fixed_batch(train_paths, config.image_size, 256)))
@@ -393,7 +401,7 @@ def train_prior(config, out, splits, resume):
     state_path = out / "prior_state.json"
     fingerprint = file_sha256(vqvae_path)
     resume = resume and state_path.exists()
-    state = json.loads(state_path.read_text()) if resume else {"vqvae_sha256": fingerprint}
+    state = read_json(state_path) if resume else {"vqvae_sha256": fingerprint}
     if state["vqvae_sha256"] != fingerprint:
         sys.exit(f"error: {vqvae_path} changed after the prior in {out} was trained on it: "
                  f"train a new prior with --prior-only (delete {state_path} first).")
@@ -401,7 +409,7 @@ def train_prior(config, out, splits, resume):
         sys.exit(f"error: the prior in {out} has done {state['epochs_done']} epochs already: "
                  f"pass --prior-epochs larger than that to train it more.")
     started = time.time()
-    vqvae = keras.models.load_model(vqvae_path)
+    vqvae = load_checkpoint(vqvae_path)
     codes = {}
     for split in ("train", "validate"):
         paths = dataset.list_images(splits[split])
@@ -413,9 +421,9 @@ def train_prior(config, out, splits, resume):
           f"({time.time() - started:.0f} s)", flush=True)
     baselines = {"uniform": math.log2(K),
                  "unigram": metrics.unigram_bits(codes["train"], codes["validate"], K)}
-    prior = (keras.models.load_model(out / "prior_last.keras") if resume
+    prior = (load_checkpoint(out / "prior_last.keras") if resume
              else build_prior(config, grid, K))
-    saved = json.loads((out / "config.json").read_text())
+    saved = read_json(out / "config.json")
     write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
                out / "config.json")
     print(f"prior: {prior.count_params():,} parameters; validation baselines in bits per code: "

@@ -53,3 +53,13 @@ def test_save_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
         monitor.save_atomically(broken, path)
     assert json.loads(path.read_text()) == {"epochs_done": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no half-written leftover
+
+
+def test_a_nan_epoch_is_neither_saved_nor_counted(tmp_path):
+    model, state = tiny_model(), {"epochs_done": 1}
+    checkpoints = monitor.Checkpoints(tmp_path, state, monitor="val_bits",
+                                      higher_is_better=False)
+    checkpoints.set_model(model)
+    checkpoints.on_epoch_end(1, {"val_bits": float("nan"), "elapsed_minutes": 2.0})
+    assert model.stop_training and state == {"epochs_done": 1}
+    assert list(tmp_path.iterdir()) == []

@@ -100,7 +100,7 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, argv, message, capsys):
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
     (["--beta", "-1"], "--beta must be a number >= 0"),
     (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
-    (["--out", __file__], "is a file, not a folder"),
+    (["--out", __file__], "is, or is inside, a file, not a folder"),
 ])
 def test_impossible_settings_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -188,6 +188,8 @@ def test_prior_only_adds_a_prior_to_a_vqvae_run(oasis_root, tmp_path, capsys):
     train.main(["--data", str(oasis_root), "--epochs", "1", "--out", str(out), *TINY,
                 "--prior-epochs", "0"])
     assert not (out / "prior_state.json").exists()
+    # saved with --prior-epochs 0; a plain --prior-only takes the default instead
+    assert train.parse_args(["--prior-only", "--out", str(out)])[0].prior_epochs == 20
     train.main(["--prior-only", "--prior-epochs", "1", "--prior-width", "4", "--out", str(out)])
     assert json.loads((out / "prior_state.json").read_text())["epochs_done"] == 1
     assert json.loads((out / "config.json").read_text())["prior"]["width"] == 4
@@ -207,3 +209,20 @@ def test_a_prior_refuses_a_vqvae_that_changed_under_it(trained_run, tmp_path):
     (out / "prior_state.json").write_text(json.dumps(state))
     with pytest.raises(SystemExit, match="changed after the prior"):
         train.main(["--resume", "--prior-epochs", "5", "--out", str(out)])
+
+
+def test_damaged_run_files_are_named_not_crashed_on(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "out")
+    (out / "prior_last.keras").write_bytes(b"not a keras file")
+    with pytest.raises(SystemExit, match="could not load .*prior_last.keras"):
+        train.main(["--resume", "--prior-epochs", "5", "--out", str(out)])
+    (out / "state.json").write_text("{broken")
+    with pytest.raises(SystemExit, match="could not read .*state.json"):
+        train.main(["--resume", "--out", str(out)])
+
+
+def test_an_out_folder_inside_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path / "file" / "run")])
+    assert "is, or is inside, a file" in capsys.readouterr().err
