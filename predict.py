@@ -244,13 +244,13 @@ def generate(args, prior, vqvae, config):
     """Sample --generate code maps, decode them, save them; then measure them (metrics.py)."""
     out = Path(args.out or Path(args.checkpoint) / "generate")
     out.mkdir(parents=True, exist_ok=True)
-    folders = None if args.no_metrics else (test_folder(args, config), config["splits"]["train"])
-    if folders:  # find bad data before minutes of sampling, not after
-        test_count = len(dataset.list_images(folders[0]))
-        dataset.list_images(folders[1])
-        if test_count < 4:
-            sys.exit(f"error: the metrics need at least 4 test slices, {folders[0]} has "
-                     f"{test_count}: pass another --test-dir, or --no-metrics.")
+    paths = None  # listed (and checked) before minutes of sampling, not after
+    if not args.no_metrics:
+        folder = test_folder(args, config)
+        paths = dataset.list_images(folder), dataset.list_images(config["splits"]["train"])
+        if len(paths[0]) < 4:
+            sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "
+                     f"{len(paths[0])}: pass another --test-dir, or --no-metrics.")
     started = time.perf_counter()
     draw = prior.sampler(args.generate, args.temperature, args.seed)  # traced once
     traced = time.perf_counter()
@@ -266,20 +266,19 @@ def generate(args, prior, vqvae, config):
           f"images/s on {report['device']} (sampling and decoding; {traced - started:.1f} s "
           f"more to trace the sampler once); wrote {out}/sample_*.png and samples_grid.png",
           flush=True)
-    if folders:
-        report["metrics"] = generation_metrics(args, prior, vqvae, config, samples, *folders)
+    if paths:
+        report["metrics"] = generation_metrics(args, prior, vqvae, config, samples, *paths)
     write_json(report, out / "generation_report.json")
     print(f"wrote {out / 'generation_report.json'}")
 
 
-def load_images(folder, image_size, batch_size):
-    paths = dataset.list_images(folder)
+def load_images(paths, image_size, batch_size):
     with dataset.naming_bad_files(paths):
         return np.concatenate([b.numpy() for b in dataset.load_split(paths, image_size,
                                                                       batch_size)])
 
 
-def generation_metrics(args, prior, vqvae, config, samples, test_dir, train_dir):
+def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_paths):
     """The four measures of metrics.py, each next to its baselines, printed as a table.
 
     Real slices: n test slices (n = samples, at most half the test split), evenly spaced. The
@@ -287,11 +286,9 @@ def generation_metrics(args, prior, vqvae, config, samples, test_dir, train_dir)
     row compares two different sets of equal size, as samples and real slices are.
     """
     size, K = config["train"]["image_size"], vqvae.codebook_size
-    test = load_images(test_dir, size, args.batch_size)
-    train = load_images(train_dir, size, args.batch_size)
-    n = min(len(samples), len(test) // 2)
-    if n < 2:
-        sys.exit(f"error: the metrics need at least 4 test slices, found {len(test)}.")
+    test = load_images(test_paths, size, args.batch_size)
+    train = load_images(train_paths, size, args.batch_size)
+    n = min(len(samples), len(test) // 2)  # at least 2: generate() checked the counts
     picks = np.linspace(0, len(test) - 1, 2 * n).round().astype(int)
     real, other = test[picks[0::2]], test[picks[1::2]]
     samples = samples[:n]

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 import predict
+from conftest import write_slices
 
 
 def test_predict_reports_metrics_and_saves_comparisons(trained_run, tmp_path, capsys):
@@ -91,3 +92,11 @@ def test_generate_without_a_prior_says_how_to_train_one(trained_run, tmp_path):
         (tmp_path / name).write_bytes((trained_run / name).read_bytes())
     with pytest.raises(SystemExit, match="this run has no prior.*--prior-only"):
         predict.main(["--checkpoint", str(tmp_path), "--generate", "2"])
+
+
+def test_too_few_test_slices_are_refused_before_sampling(trained_run, tmp_path):
+    few = write_slices(tmp_path / "few", 3)
+    with pytest.raises(SystemExit, match="at least 4 test slices"):
+        predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--test-dir",
+                      str(few), "--out", str(tmp_path / "gen")])
+    assert not list((tmp_path / "gen").glob("sample_*.png"))  # nothing was sampled
