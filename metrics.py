@@ -1,7 +1,8 @@
 """How good are generated slices? Each number comes with a baseline that gives it a scale.
 
     likelihood    bits per code of held-out code maps under the prior, against a uniform guess
-                  (log2 K) and the training code frequencies (unigram)
+                  (log2 K), the training code frequencies (unigram) and the training code
+                  frequencies at each grid position (per-position unigram)
     diversity     mean pairwise MS-SSIM within a set of images: 1 = all identical
     memorisation  SSIM of each image to its nearest training slice: ~1 = a copy
     realism       Fréchet distance between feature statistics of two sets of images
@@ -26,6 +27,37 @@ def unigram_bits(train_codes, test_codes, codebook_size):
     return float(-np.mean(np.log2(counts / counts.sum())[np.ravel(test_codes)]))
 
 
+def position_unigram_bits(train_codes, test_codes, codebook_size,
+                          strengths=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)):
+    """Bits per code of `test_codes` (N, h, w) when the code at each grid position is drawn
+    independently with its training frequency *at that position*. A prior that only learned
+    where things are in an aligned slice (its position embedding can) matches this baseline;
+    beating it shows that the prior uses the neighbouring codes.
+
+    Unseen (position, code) pairs get mass by Dirichlet smoothing towards the global unigram u:
+        p(k | pos) = (n_pos,k + a u_k) / (n + a)       n: training maps
+    with the strength a chosen among `strengths` by leave-one-out likelihood on the training
+    maps alone (each training code scored with itself removed from the counts).
+    """
+    train, test = np.asarray(train_codes), np.asarray(test_codes)
+    n, K, positions = len(train), codebook_size, train[0].size
+    unigram = np.bincount(train.ravel(), minlength=K) + 1.0
+    unigram /= unigram.sum()
+
+    def cells(codes):  # (N, h, w) -> (N, h*w) index of each (position, code) pair
+        return np.arange(positions) * K + codes.reshape(len(codes), -1)
+
+    counts = np.bincount(cells(train).ravel(), minlength=positions * K)  # n_pos,k
+
+    def bits(codes, strength, left_out=0):
+        seen = counts[cells(codes)] - left_out
+        return -np.mean(np.log2((seen + strength * unigram[codes.reshape(len(codes), -1)])
+                                / (n - left_out + strength)))
+
+    strength = min(strengths, key=lambda a: bits(train, a, left_out=1))
+    return float(bits(test, strength))
+
+
 def prior_bits(prior, codes, batch_size=32):
     """Mean bits per code of the code maps (N, h, w) under the prior."""
     total = sum(float(prior.bits_per_code(codes[i:i + batch_size])) * len(codes[i:i + batch_size])
@@ -46,9 +78,14 @@ def ms_ssim(a, b):
                                     filter_size=SSIM_WINDOW).numpy()
 
 
-def mean_pairwise_ms_ssim(images, max_images=64, batch_size=128):
-    """Mean MS-SSIM over every pair among the first `max_images` images (64 -> 2,016 pairs)."""
-    images = tf.constant(images[:max_images])
+def mean_pairwise_ms_ssim(images, max_images=64, batch_size=128, seed=0):
+    """Mean MS-SSIM over every pair among `max_images` images (64 -> 2,016 pairs) drawn at
+    random (fixed seed) from the whole set: a set sorted by file name puts similar slices
+    together, so its first images would be a skewed subset."""
+    if len(images) > max_images:
+        picks = np.random.default_rng(seed).choice(len(images), max_images, replace=False)
+        images = images[np.sort(picks)]
+    images = tf.constant(images)
     first, second = np.triu_indices(len(images), k=1)
     scores = [ms_ssim(tf.gather(images, first[i:i + batch_size]),
                       tf.gather(images, second[i:i + batch_size]))

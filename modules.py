@@ -50,7 +50,8 @@ class Encoder(layers.Layer):
     """(B, H, W, 1) -> (B, H/downsample, W/downsample, code_dim).
 
     One stride-2 3x3 convolution per halving, residual blocks at the latent resolution, and a
-    1x1 projection to the code dimension (linear: the quantizer needs unconstrained vectors).
+    1x1 projection to the code dimension (linear: the quantizer needs unconstrained vectors;
+    float32 under any precision policy, like the quantizer).
     """
 
     def __init__(self, downsample=4, width=64, res_blocks=1, code_dim=32, **kwargs):
@@ -62,7 +63,9 @@ class Encoder(layers.Layer):
             for c in stage_widths(width, downsample)
         ]
         self.steps += [ResidualBlock(width) for _ in range(res_blocks)]
-        self.project = layers.Conv2D(code_dim, 1)
+        # float32 even under mixed precision: codes are chosen and EMA sums accumulated from
+        # these vectors, which bfloat16 would round to 8 significant bits first
+        self.project = layers.Conv2D(code_dim, 1, dtype="float32")
 
     def call(self, x):
         for step in self.steps:
@@ -127,9 +130,13 @@ class VectorQuantizer(layers.Layer):
     Laplace smoothing keeps rarely used codes from dividing by ~0.
 
     Dead codes: `steps_unused_k` counts training steps since code k was last chosen; once it
-    reaches `dead_code_steps` the code is re-seeded with a random encoder output from the current
-    batch (in both codebook modes). The counters start at `dead_code_steps`, so the first step seeds every unchosen code
-    from data (a data-dependent initialisation for free).
+    reaches `dead_code_steps` the code is re-seeded with an encoder output of the current batch
+    (in both codebook modes), drawn with probability proportional to its quantisation error
+    ||z - e_{k*}||^2. Vectors the codebook already serves well (the black background, about
+    half of every slice) are almost never drawn, so restarted codes go where they are needed
+    instead of piling up as near-duplicates of a background code. The counters start at
+    `dead_code_steps`, so the first step seeds every unchosen code from data (a data-dependent
+    initialisation for free).
     """
 
     def __init__(self, codebook_size=512, code_dim=32, beta=0.25, use_ema=True, ema_decay=0.99,
@@ -194,9 +201,10 @@ class VectorQuantizer(layers.Layer):
         flat = ops.stop_gradient(ops.reshape(z_e, (-1, self.code_dim)))
         flat_codes = ops.reshape(codes, (-1,))
         counts = ops.cast(ops.bincount(flat_codes, minlength=K), "float32")
+        errors = ops.sum((flat - self.lookup(flat_codes)) ** 2, axis=1)  # before the EMA step
         if self.use_ema:
             self._ema_step(flat, flat_codes, counts)
-        self._restart_dead_codes(flat, counts)
+        self._restart_dead_codes(flat, counts, errors)
 
     def _ema_step(self, flat, flat_codes, counts):
         K = self.codebook_size
@@ -208,12 +216,17 @@ class VectorQuantizer(layers.Layer):
         smoothed = (self.ema_count + self.epsilon) / (total + K * self.epsilon) * total
         self.codebook.assign(self.ema_sum / smoothed[:, None])
 
-    def _restart_dead_codes(self, flat, counts):
+    def _restart_dead_codes(self, flat, counts, errors):
+        """flat (N, D) encoder outputs, counts (K,) codes chosen, errors (N,) squared distance
+        of each vector to its code. One candidate per code is drawn with P(i) ~ errors_i (the
+        tiny floor keeps a batch with zero error everywhere valid: then P is uniform); only the
+        dead codes take theirs."""
         K = self.codebook_size
         unused = ops.where(counts > 0, 0.0, self.steps_unused + 1.0)
         dead = unused >= self.dead_code_steps
-        picks = keras.random.randint((K,), 0, ops.shape(flat)[0], seed=self.seed_generator)
-        fresh = ops.take(flat, picks, axis=0)
+        log_weights = ops.log(errors + 1e-12)[None]
+        picks = keras.random.categorical(log_weights, K, dtype="int32", seed=self.seed_generator)
+        fresh = ops.take(flat, picks[0], axis=0)
         self.codebook.assign(ops.where(dead[:, None], fresh, self.codebook))
         self.ema_sum.assign(ops.where(dead[:, None], fresh, self.ema_sum))
         self.ema_count.assign(ops.where(dead, 1.0, self.ema_count))
@@ -234,10 +247,16 @@ def code_statistics(codes, codebook_size):
     return ops.exp(entropy), ops.mean(ops.cast(counts > 0, "float32"))
 
 
+PSNR_CAP_DB = 100.0  # an exact reconstruction (a blank slice) would otherwise score +inf
+
+
 def image_quality(images, reconstructions):
-    """Per-image SSIM (11x11 Gaussian window, sigma 1.5, data range 1) and PSNR in dB: (B,), (B,)."""
+    """Per-image SSIM (11x11 Gaussian window, sigma 1.5, data range 1) and PSNR in dB, capped
+    at PSNR_CAP_DB: (B,), (B,). Capped, a perfect score stays finite, so any NaN or infinity
+    in the logs means that training really broke."""
     ssim = tf.image.ssim(images, reconstructions, max_val=1.0, filter_size=11, filter_sigma=1.5)
-    return ssim, tf.image.psnr(images, reconstructions, max_val=1.0)
+    psnr = tf.image.psnr(images, reconstructions, max_val=1.0)
+    return ssim, tf.minimum(psnr, PSNR_CAP_DB)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -1,5 +1,7 @@
 """What train.py shows and keeps while it trains: a line per epoch, checkpoints, the progress
-GIF and the plots. Every file is written atomically, so a killed run never leaves half a file.
+GIF and the plots. Checkpoints, state, JSON, frames, the GIF and the plots are written
+atomically, so a killed run never leaves half of one; the CSV and TensorBoard logs are
+appended to, a row or event at a time, by Keras.
 """
 
 import csv
@@ -32,7 +34,9 @@ def save_atomically(write, path):
 
 
 def write_json(data, path):
-    save_atomically(lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"), path)
+    """Strict JSON (NaN or infinity raise ValueError instead of writing what JSON forbids)."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    save_atomically(lambda tmp: Path(tmp).write_text(text), path)
 
 
 def read_json(path):
@@ -85,16 +89,20 @@ class WallClock(keras.callbacks.Callback):
 class Checkpoints(keras.callbacks.Callback):
     """Saves {prefix}last.keras every epoch and {prefix}best.keras when `monitor` improves,
     then {prefix}state.json (epochs done, time used, every val_ metric of the best epoch).
-    An epoch with a NaN or infinite value saves nothing and stops training."""
+    An epoch with a NaN or infinite value saves nothing, stops training, and names the values
+    in `not_finite` (every logged metric is bounded, PSNR included, so this means the model
+    broke, never that it was perfect)."""
 
     def __init__(self, out, state, prefix="", monitor="val_ssim", higher_is_better=True):
         super().__init__()
         self.out, self.state, self.prefix = Path(out), state, prefix
         self.monitor, self.sign = monitor, 1.0 if higher_is_better else -1.0
+        self.not_finite = []
 
     def on_epoch_end(self, epoch, logs=None):
-        if not all(np.isfinite(value) for value in logs.values()):
-            self.model.stop_training = True  # a NaN epoch is neither saved nor counted
+        self.not_finite = sorted(name for name, value in logs.items() if not np.isfinite(value))
+        if self.not_finite:
+            self.model.stop_training = True  # this epoch is neither saved nor counted
             return
         save_atomically(self.model.save, self.out / f"{self.prefix}last.keras")
         best = self.state.get("best_" + self.monitor)
@@ -181,7 +189,7 @@ def prior_curve_drawer(baselines):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(epochs, log["bits_per_code"], "o-", label="train")
         ax.plot(epochs, log["val_bits_per_code"], "s--", label="validation")
-        for (name, bits), style in zip(baselines.items(), (":", "-.")):
+        for (name, bits), style in zip(baselines.items(), (":", "-.", "--")):
             ax.axhline(bits, color="gray", linestyle=style, label=f"{name} ({bits:.2f})")
         ax.set(xlabel="epoch", ylabel="bits per code", title="PixelCNN prior: bits per code")
         ax.legend(fontsize=8)

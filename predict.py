@@ -12,7 +12,6 @@ diversity, memorisation and realism, each next to its baselines; see metrics.py)
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -137,7 +136,7 @@ def foreground_psnr(images, reconstructions):
     mask = images > FOREGROUND
     squared = ((images - reconstructions) ** 2 * mask).sum(axis=(1, 2, 3))
     mse = squared / np.maximum(mask.sum(axis=(1, 2, 3)), 1)
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
+    return np.minimum(10 * np.log10(1.0 / np.maximum(mse, 1e-30)), modules.PSNR_CAP_DB)
 
 
 def summarise(values):
@@ -228,7 +227,7 @@ def evaluate(args, model, config):
     out = Path(args.out or Path(args.checkpoint) / "predict")
     out.mkdir(parents=True, exist_ok=True)
     save_figures(out, images, reconstructions, ssim, psnr, args.examples)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out / "report.json")
     print(f"{len(images)} test images from {folder}")
     for key in ("ssim", "psnr_db", "foreground_psnr_db"):
         stats = report[key]
@@ -308,6 +307,8 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
         "images_compared": n,
         "bits_per_test_code": {"prior": metrics.prior_bits(prior, test_codes),
                                "unigram": metrics.unigram_bits(train_codes, test_codes, K),
+                               "position_unigram": metrics.position_unigram_bits(
+                                   train_codes, test_codes, K),
                                "uniform": float(np.log2(K))},
         "mean_pairwise_ms_ssim": {"samples": metrics.mean_pairwise_ms_ssim(samples),
                                   "real_test": metrics.mean_pairwise_ms_ssim(real)},
@@ -328,7 +329,8 @@ def print_metrics(result):
     bits, div = result["bits_per_test_code"], result["mean_pairwise_ms_ssim"]
     near, fd = result["nearest_training_ssim"], result["frechet_distance"]
     print(f"metrics over {result['images_compared']} samples and as many real test slices:")
-    print(f"  likelihood: prior NLL on the test codes {bits['prior']:.3f} bits/code (unigram "
+    print(f"  likelihood: prior NLL on the test codes {bits['prior']:.3f} bits/code "
+          f"(per-position unigram {bits['position_unigram']:.3f}, unigram "
           f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
     print(f"  diversity, mean pairwise MS-SSIM (lower = more varied): samples "
           f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}")

@@ -286,16 +286,21 @@ def build_prior(config, grid_size, codebook_size):
 
 
 def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag):
-    """model.fit from the epoch after the ones in `state`; exits if the loss became NaN
-    (TerminateOnNaN stopped it; the checkpoints keep the epochs before). A progress bar in a
+    """model.fit from the epoch after the ones in `state`; exits if a logged value became NaN
+    or infinite, in training (TerminateOnNaN stops mid-epoch) or in validation (Checkpoints
+    stops after the epoch); the checkpoints keep the epochs before. A progress bar in a
     terminal, one line per epoch when the output goes to a file. shuffle=False: the training
     datasets shuffle themselves."""
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
                         initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
                         shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
-    if not np.isfinite(history.history[loss_name][-1]):
-        sys.exit(f"error: the loss became NaN and training stopped; the checkpoints keep the "
-                 f"epochs before it. Try a lower {rate_flag} in a new run.")
+    checkpoints = next(c for c in callbacks if isinstance(c, Checkpoints))
+    finite_loss = np.isfinite(history.history[loss_name][-1])
+    broken = checkpoints.not_finite or ([] if finite_loss else [loss_name])
+    if broken:
+        sys.exit(f"error: {', '.join(broken)} became NaN or infinite and training stopped; "
+                 f"the checkpoints keep the epochs before. Try a lower {rate_flag} in a new "
+                 f"run.")
 
 
 def main(argv=None):
@@ -420,14 +425,16 @@ def train_prior(config, out, splits, resume):
           f"slices into {grid}x{grid} code maps with {vqvae_path} "
           f"({time.time() - started:.0f} s)", flush=True)
     baselines = {"uniform": math.log2(K),
-                 "unigram": metrics.unigram_bits(codes["train"], codes["validate"], K)}
+                 "unigram": metrics.unigram_bits(codes["train"], codes["validate"], K),
+                 "per-position unigram": metrics.position_unigram_bits(
+                     codes["train"], codes["validate"], K)}
     prior = (load_checkpoint(out / "prior_last.keras") if resume
              else build_prior(config, grid, K))
     saved = read_json(out / "config.json")
     write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
                out / "config.json")
     print(f"prior: {prior.count_params():,} parameters; validation baselines in bits per code: "
-          f"uniform {baselines['uniform']:.3f}, unigram {baselines['unigram']:.3f}", flush=True)
+          + ", ".join(f"{name} {bits:.3f}" for name, bits in baselines.items()), flush=True)
 
     train_ds = (tf.data.Dataset.from_tensor_slices(codes["train"])
                 .shuffle(len(codes["train"]), seed=config.seed + state.get("epochs_done", 0))

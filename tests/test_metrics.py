@@ -83,3 +83,28 @@ def test_ms_ssim_on_small_images_uses_fewer_scales_with_weights_summing_to_one()
     assert ours == pytest.approx(by_hand, abs=1e-6) and ours < raw < 1  # raw weights inflate
     with pytest.raises(ValueError, match="at least 11 pixels"):
         metrics.ms_ssim(a[:, :8, :8], b[:, :8, :8])
+
+
+def test_position_unigram_bits_by_hand_and_against_the_plain_unigram():
+    # 2 training maps of 1x2: position 0 saw codes 0, 0; position 1 saw 1, 2 (K = 3)
+    train, test = np.array([[[0, 1]], [[0, 2]]]), np.array([[[0, 1]]])
+    unigram = np.array([3, 2, 2]) / 7  # add-one smoothed global counts 2, 1, 1
+    # the strength that leave-one-out picks: each training code scored without itself
+    loo = [-np.mean(np.log2((np.array([1, 0, 1, 0]) + a * unigram[[0, 1, 0, 2]]) / (1 + a)))
+           for a in (0.01, 0.1, 1.0)]
+    strength = (0.01, 0.1, 1.0)[int(np.argmin(loo))]
+    expected = -np.mean(np.log2((np.array([2, 1]) + strength * unigram[[0, 1]]) / (2 + strength)))
+    assert metrics.position_unigram_bits(train, test, 3, strengths=(0.01, 0.1, 1.0)) == \
+        pytest.approx(expected)
+    # codes fixed by position (uniform overall): ~0 bits per position, log2 K for the unigram
+    maps = np.tile(np.arange(16).reshape(1, 4, 4), (50, 1, 1))
+    assert metrics.position_unigram_bits(maps, maps[:5], 16) < 0.05
+    assert metrics.unigram_bits(maps, maps[:5], 16) == pytest.approx(4.0, abs=0.01)
+
+
+def test_pairwise_ms_ssim_draws_from_the_whole_set_not_its_first_images():
+    """A set sorted so that its first 64 images are copies of one slice, the rest all
+    different: the first 64 alone would score 1."""
+    images = np.concatenate([np.repeat(slices(1, seed=8), 64, axis=0), slices(64, seed=9)])
+    assert metrics.mean_pairwise_ms_ssim(images) < 0.9
+    assert metrics.mean_pairwise_ms_ssim(images) == metrics.mean_pairwise_ms_ssim(images)

@@ -63,3 +63,15 @@ def test_a_nan_epoch_is_neither_saved_nor_counted(tmp_path):
     checkpoints.on_epoch_end(1, {"val_bits": float("nan"), "elapsed_minutes": 2.0})
     assert model.stop_training and state == {"epochs_done": 1}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_not_finite_value_is_named_and_strict_json_refuses_it(tmp_path):
+    model, state = tiny_model(), {}
+    checkpoints = monitor.Checkpoints(tmp_path, state)
+    checkpoints.set_model(model)
+    checkpoints.on_epoch_end(0, {"loss": 0.1, "val_ssim": float("nan"), "val_psnr": 100.0,
+                                 "elapsed_minutes": 1.0})
+    assert checkpoints.not_finite == ["val_ssim"] and model.stop_training
+    with pytest.raises(ValueError):
+        monitor.write_json({"psnr": float("inf")}, tmp_path / "report.json")
+    assert list(tmp_path.iterdir()) == []

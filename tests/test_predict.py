@@ -1,21 +1,46 @@
 import json
 
+import keras
 import numpy as np
 import pytest
+from skimage.metrics import structural_similarity
 from PIL import Image
 
+import dataset
 import predict
-from conftest import write_slices
+from conftest import TINY, write_slices
+from test_train import change_best_vqvae, copy_run
+
+
+def strict_json(path):
+    """JSON as a strict reader takes it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def test_predict_reports_metrics_and_saves_comparisons(trained_run, tmp_path, capsys):
     predict.main(["--checkpoint", str(trained_run), "--out", str(tmp_path), "--examples", "3"])
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = strict_json(tmp_path / "report.json")
     assert report["images"] == 6  # the whole test split of the fixture (from config.json)
-    for metric in ("ssim", "psnr_db", "foreground_psnr_db"):
-        stats = report[metric]
-        assert stats["min"] <= stats["p5"] <= stats["median"] and stats["min"] <= stats["mean"]
-    assert 0 < report["codebook_usage"] <= 1 and report["perplexity"] >= 1
+    # every number recomputed independently: scikit-image SSIM, PSNR and usage by hand
+    model = keras.models.load_model(trained_run / "best.keras")
+    paths = dataset.list_images(json.loads((trained_run / "config.json").read_text())
+                                ["splits"]["test"])
+    images = dataset.fixed_batch(paths, 32, len(paths))
+    reconstructions = model.predict(images, verbose=0)
+    ssim = [structural_similarity(a[..., 0], b[..., 0], data_range=1.0, gaussian_weights=True,
+                                  sigma=1.5, use_sample_covariance=False)
+            for a, b in zip(images, reconstructions)]
+    psnr = 10 * np.log10(1.0 / ((images - reconstructions) ** 2).mean(axis=(1, 2, 3)))
+    for name, values in (("ssim", ssim), ("psnr_db", psnr)):
+        stats = report[name]
+        assert stats["mean"] == pytest.approx(np.mean(values), abs=1e-3), name
+        assert stats["min"] == pytest.approx(np.min(values), abs=1e-3), name
+        assert stats["median"] == pytest.approx(np.median(values), abs=1e-3), name
+    codes = model.encode(images).numpy()
+    assert report["codebook_usage"] == pytest.approx(len(np.unique(codes)) / 16)
+    assert report["codebook_size"] == 16
     assert report["images_per_second"] > 0
     assert sorted(p.name for p in tmp_path.glob("comparison_*.png")) == [
         "comparison_000.png", "comparison_001.png", "comparison_002.png", "comparison_grid.png"]
@@ -66,6 +91,7 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     assert found["images_compared"] == 3  # half of the fixture's 6 test slices
     bits = found["bits_per_test_code"]
     assert bits["uniform"] == 4.0 and 0 < bits["prior"] < 6 and 0 < bits["unigram"] <= 4.5
+    assert 0 < bits["position_unigram"] < 8
     for key in ("samples", "real_test"):
         assert 0 <= found["mean_pairwise_ms_ssim"][key] <= 1
     assert set(found["nearest_training_ssim"]) == {"samples", "real_test",
@@ -100,3 +126,33 @@ def test_too_few_test_slices_are_refused_before_sampling(trained_run, tmp_path):
         predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--test-dir",
                       str(few), "--out", str(tmp_path / "gen")])
     assert not list((tmp_path / "gen").glob("sample_*.png"))  # nothing was sampled
+
+
+def test_generate_refuses_a_vqvae_that_changed_under_its_prior(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "run")
+    change_best_vqvae(out)
+    with pytest.raises(SystemExit, match="best.keras changed after the prior was trained"):
+        predict.main(["--checkpoint", str(out), "--generate", "2", "--no-metrics",
+                      "--out", str(tmp_path / "gen")])
+
+
+def test_a_mixed_bfloat16_run_with_blank_slices_trains_predicts_and_generates(tmp_path):
+    """The precision the README's numbers come from, end to end, on splits that each hold an
+    all-black slice (a perfect reconstruction of it must not stop training or break JSON)."""
+    root = tmp_path / "keras_png_slices_data"
+    for seed, (split, count) in enumerate({"train": 16, "validate": 6, "test": 6}.items()):
+        folder = write_slices(root / f"keras_png_slices_{split}", count, seed)
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "slice_blank.png")
+    out = tmp_path / "out"
+    argv = [*TINY, "--precision", "mixed_bfloat16", "--epochs", "2", "--data", str(root),
+            "--out", str(out)]
+    import train
+    train.main(argv)
+    assert strict_json(out / "state.json")["epochs_done"] == 2  # no silent stop
+    assert strict_json(out / "config.json")["precision"] == "mixed_bfloat16"
+    predict.main(["--checkpoint", str(out), "--out", str(tmp_path / "predict")])
+    report = strict_json(tmp_path / "predict" / "report.json")
+    assert report["psnr_db"]["max"] <= 100 and 0 < report["ssim"]["mean"] <= 1
+    predict.main(["--checkpoint", str(out), "--generate", "4", "--out", str(tmp_path / "gen")])
+    generated = strict_json(tmp_path / "gen" / "generation_report.json")
+    assert np.isfinite(generated["metrics"]["bits_per_test_code"]["prior"])

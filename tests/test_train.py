@@ -6,6 +6,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import dataset
@@ -165,7 +166,8 @@ def test_the_prior_trains_after_the_vqvae_and_leaves_its_outputs(trained_run):
     assert state["epochs_done"] == 2
     assert state["vqvae_sha256"] == monitor.file_sha256(trained_run / "best.keras")
     summary = json.loads((trained_run / "prior_summary.json").read_text())
-    assert summary["baselines_bits_per_code"]["uniform"] == 4.0
+    baselines = summary["baselines_bits_per_code"]
+    assert baselines["uniform"] == 4.0 and 0 < baselines["per-position unigram"] < 8
     prior = json.loads((trained_run / "config.json").read_text())["prior"]
     assert prior["grid_size"] == 8 and prior["codebook_size"] == 16 and prior["layers"] == 2
 
@@ -201,14 +203,30 @@ def test_prior_only_adds_a_prior_to_a_vqvae_run(oasis_root, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err), message
 
 
+def change_best_vqvae(out):
+    """Really change the VQ-VAE under a run's prior: move one code of best.keras."""
+    model = keras.models.load_model(out / "best.keras")
+    model.quantizer.codebook.assign(model.quantizer.codebook + 0.5)
+    model.save(out / "best.keras")
+
+
 def test_a_prior_refuses_a_vqvae_that_changed_under_it(trained_run, tmp_path):
     out = copy_run(trained_run, tmp_path / "out")
-    (out / "best.keras").write_bytes((out / "last.keras").read_bytes() + b"")
-    state = json.loads((out / "prior_state.json").read_text())
-    state["vqvae_sha256"] = "0" * 64
-    (out / "prior_state.json").write_text(json.dumps(state))
+    change_best_vqvae(out)
     with pytest.raises(SystemExit, match="changed after the prior"):
         train.main(["--resume", "--prior-epochs", "5", "--out", str(out)])
+
+
+def test_a_nan_in_validation_alone_stops_the_run_with_an_error(tmp_path):
+    """Training stays finite, validation does not: fit() must not end as if all went well."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    batches = lambda x: tf.data.Dataset.from_tensor_slices((x, np.ones((4, 1)))).batch(4)  # noqa
+    data, broken = batches(np.ones((4, 2))), batches(np.full((4, 2), np.nan))
+    callbacks = [monitor.Checkpoints(tmp_path, {}, monitor="val_loss", higher_is_better=False)]
+    with pytest.raises(SystemExit, match="val_loss became NaN or infinite"):
+        train.fit(model, data, broken, 3, {}, callbacks, "loss", "--learning-rate")
+    assert not (tmp_path / "state.json").exists()  # the broken epoch was not recorded
 
 
 def test_damaged_run_files_are_named_not_crashed_on(trained_run, tmp_path):
