@@ -11,9 +11,13 @@ The OASIS preprocessed download unpacks to
 Each split becomes: sorted files -> decode to one channel -> fit into image_size x image_size
 (aspect ratio kept, zero padded) -> uint8, cached in memory (decoded once) -> float32 in [0, 1]
 -> shuffle (training only) -> batch -> prefetch.
+
+`python dataset.py prepare --oasis1 PATH...` builds this layout from the official OASIS-1 release
+(its disc tarballs or folders): see oasis1.py.
 """
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +61,12 @@ def oasis_split_dirs(root, need_test=True):
     return dirs
 
 
-def list_images(folder):
-    """Sorted image paths in `folder`; every file is checked to be a readable image."""
+def list_images(folder, skipped=None):
+    """Sorted image paths in `folder`; every file is checked to be a readable image.
+
+    Other files and sub-folders are ignored. A bad image raises DataError naming it, unless
+    `skipped` is a list: then it is left out and "path (what is wrong)" appended there.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist: pass a folder of PNG or JPEG "
@@ -66,25 +74,44 @@ def list_images(folder):
     if "_seg_" in folder.name:
         raise DataError(f"{folder} holds OASIS segmentation masks, not MRI slices: use the "
                         f"matching keras_png_slices_<split> folder instead.")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise DataError(f"{folder} holds no .png/.jpg/.jpeg images: check the path, or that the "
-                        f"download was fully unpacked.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.is_dir())
+    good = []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                kind, mode = image.format, image.mode
-                if kind == "PNG":
-                    image.verify()  # checks every chunk's checksum, without decoding
-                else:
-                    image.load()  # other formats have no such check: decode in full
-        except Exception as error:
-            raise DataError(f"{path} is not a readable image ({error}). Remove or replace "
-                            f"the file and run again.") from None
-        if kind not in DECODABLE or mode == "CMYK":
-            raise DataError(f"{path} is a {kind} image in {mode} mode, which TensorFlow cannot "
-                            f"decode: convert it to a grayscale or RGB PNG.")
-    return [str(p) for p in paths]
+        problem = image_problem(path)
+        if problem is None:
+            good.append(str(path))
+        elif skipped is not None:
+            skipped.append(f"{path} ({problem})")
+        else:
+            raise DataError(f"{path} {problem}. Remove or replace it, or pass --skip-bad-files "
+                            f"to train without it.")
+    if not good:
+        raise DataError(f"{folder} holds no {'readable ' if paths else ''}.png/.jpg/.jpeg "
+                        f"images: check the path, or that the download was fully unpacked.")
+    return good
+
+
+def image_problem(path):
+    """What makes `path` unusable as a slice, or None if it decodes: a broken link, an empty
+    file, something that is not an image, a damaged image, or a kind TensorFlow cannot read."""
+    if not path.exists():
+        return f"is a broken link (to {os.readlink(path)}, which does not exist)"
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            kind, mode = image.format, image.mode
+            if kind == "PNG":
+                image.verify()  # checks every chunk's checksum, without decoding
+            else:
+                image.load()  # other formats have no such check: decode in full
+    except Exception as error:
+        return f"is not a readable image ({error})"
+    if kind not in DECODABLE or mode == "CMYK":
+        return (f"is a {kind} image in {mode} mode, which TensorFlow cannot decode (convert it "
+                f"to a grayscale or RGB PNG)")
+    return None
 
 
 @contextlib.contextmanager
@@ -209,3 +236,14 @@ def _fit_to_canvas(image, size):
     canvas = Image.new("L", (size, size))
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return np.asarray(canvas)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["prepare"]:
+        sys.exit("usage: python dataset.py prepare --oasis1 PATH... [--out FOLDER] ...: builds "
+                 "the OASIS slice folders from the OASIS-1 release (prepare --help: the flags).")
+    import oasis1  # only here: training never needs nibabel
+
+    oasis1.main(sys.argv[2:])

@@ -281,6 +281,9 @@ class VQVAE(keras.Model):
                             seed=seed)
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by downsample {downsample}")
+        if not data_variance > 0:
+            raise ValueError(f"data_variance must be positive (it divides the reconstruction "
+                             f"loss), got {data_variance}")
         self.codebook_size, self.data_variance = codebook_size, data_variance
         self.encoder = Encoder(downsample, width, res_blocks, code_dim, name="encoder")
         self.quantizer = VectorQuantizer(codebook_size, code_dim, beta, use_ema, ema_decay,

@@ -1,15 +1,27 @@
 """What train.py shows and keeps while it trains: a line per epoch, checkpoints, the progress
-GIF and the plots. Checkpoints, state, JSON, frames, the GIF and the plots are written
-atomically, so a killed run never leaves half of one; the CSV and TensorBoard logs are
-appended to, a row or event at a time, by Keras.
+GIF and the plots, and how it survives being killed.
+
+An epoch is recorded completely or not at all. Its CSV row, progress frame, GIF and plots are
+written first; then its checkpoints and state.json are committed together (`save_together`).
+A run killed at any point resumes after the last committed epoch: `finish_saves` completes or
+discards a half-done commit and deletes temporary files, and `trim_log` / `ProgressGif` drop
+any rows and frames of the epoch that was not committed. Every file except the CSV and
+TensorBoard logs (appended to by Keras, a row or event at a time) is written atomically.
+SIGINT (Ctrl-C) and SIGTERM (sent by Slurm and other schedulers) stop training at the next
+batch and drop the epoch in progress (`catching_stop_signals`, `StopOnSignal`).
 """
 
+import collections
+import contextlib
 import csv
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -22,21 +34,87 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 
+COMMIT = "commit-pending.json"  # lists the files of a save_together that must be renamed
+_crash_counts = collections.Counter()
+
+
+def crash_point(name):
+    """Fault injection for tests/test_kill.py: with VQVAE_CRASH_AT="name:n" in the environment,
+    the n-th time the run reaches `name` it kills itself with SIGKILL, so that the test hits
+    the narrow windows that random kills miss. Without that variable it does nothing."""
+    point, _, count = os.environ.get("VQVAE_CRASH_AT", "").partition(":")
+    if point == name:
+        _crash_counts[name] += 1
+        if _crash_counts[name] == int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_atomically(write, path):
     """write(tmp_path) then rename over `path`, so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name("tmp-" + path.name)
     try:
         write(str(tmp))
+        crash_point("save " + path.name)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left if writing failed
 
 
-def write_json(data, path):
+def save_together(writers, folder):
+    """Write several files so that a kill leaves either all the old ones or all the new ones.
+
+    writers: {file name: write(path)}, called in order, each into tmp-<name>. Once all are
+    complete, COMMIT (the list of names) is written atomically: from then on the new files are
+    the truth, and `finish_saves` renames them into place, now or when a killed run restarts.
+    A kill before COMMIT exists leaves the old files; the temporaries are deleted on restart.
+    """
+    folder = Path(folder)
+    for name, write in writers.items():
+        write(str(folder / f"tmp-{name}"))
+        crash_point("save " + name)
+    write_json(list(writers), folder / COMMIT)
+    finish_saves(folder)
+
+
+def finish_saves(folder):
+    """Completes a save_together that a kill interrupted after its commit, then deletes every
+    tmp-* file under `folder` (left by writes that were killed before they were complete)."""
+    folder = Path(folder)
+    if (folder / COMMIT).exists():
+        for name in json.loads((folder / COMMIT).read_text()):
+            if (folder / f"tmp-{name}").exists():
+                os.replace(folder / f"tmp-{name}", folder / name)
+                crash_point("commit")
+        (folder / COMMIT).unlink()
+    for leftover in folder.glob("**/tmp-*"):
+        if leftover.is_file():
+            leftover.unlink()
+
+
+def json_text(data):
     """Strict JSON (NaN or infinity raise ValueError instead of writing what JSON forbids)."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def write_json(data, path):
+    text = json_text(data)
     save_atomically(lambda tmp: Path(tmp).write_text(text), path)
+
+
+def trim_log(csv_path, epochs_done):
+    """Keep only the CSV rows of committed epochs (a killed run may have logged one more)."""
+    if not Path(csv_path).exists():
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit()
+                       and int(row[0]) < epochs_done and len(row) == len(rows[0])]
+    if kept != rows:
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+        save_atomically(write, csv_path)
 
 
 def read_json(path):
@@ -48,13 +126,30 @@ def read_json(path):
                  f"new run, or restore the file.")
 
 
-def load_checkpoint(path):
-    """A .keras checkpoint, or a clear exit naming it."""
-    try:
-        return keras.models.load_model(path)
-    except Exception as error:
-        sys.exit(f"error: could not load {path} ({str(error).splitlines()[0]}). It may "
-                 f"be damaged or written by an older version of modules.py: train again.")
+def load_checkpoint(path, kind=keras.Model):
+    """A .keras checkpoint holding a `kind` model, or a clear exit that names the file and
+    says what is wrong. Loaded in Keras' safe mode: a file that carries code (a Lambda layer)
+    is refused, never run."""
+    path = Path(path)
+    problem = ("does not exist" if not path.exists() else "is empty" if path.stat().st_size == 0
+               else "is not a Keras model file (.keras files are zip archives): it is damaged "
+                    "or truncated, or another kind of file" if not zipfile.is_zipfile(path)
+               else None)
+    if problem is None:
+        try:
+            model = keras.models.load_model(path, safe_mode=True)
+        except Exception as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            problem = ("holds code (a Lambda layer), which safe mode refuses to run"
+                       if "lambda" in str(error).lower() else
+                       f"could not be loaded ({type(error).__name__}: {first_line}); it may be "
+                       f"damaged, or written by another version of modules.py")
+        else:
+            if isinstance(model, kind):
+                return model
+            problem = f"holds a {type(model).__name__} model, not a {kind.__name__}"
+    sys.exit(f"error: {path} {problem}. Restore it from a backup, or train again (python "
+             f"train.py --resume continues from the files that are intact).")
 
 
 def file_sha256(path):
@@ -104,24 +199,83 @@ class Checkpoints(keras.callbacks.Callback):
         if self.not_finite:
             self.model.stop_training = True  # this epoch is neither saved nor counted
             return
-        save_atomically(self.model.save, self.out / f"{self.prefix}last.keras")
-        best = self.state.get("best_" + self.monitor)
-        if best is None or self.sign * (logs[self.monitor] - best) > 0:
-            save_atomically(self.model.save, self.out / f"{self.prefix}best.keras")
+        crash_point(self.prefix + "epoch logged")
+        last, best = f"{self.prefix}last.keras", f"{self.prefix}best.keras"
+        writers = {last: self.model.save}
+        best_value = self.state.get("best_" + self.monitor)
+        if best_value is None or self.sign * (logs[self.monitor] - best_value) > 0:
+            # the model just written to tmp-last is the new best: copy it, do not save twice
+            writers[best] = lambda path: shutil.copyfile(self.out / f"tmp-{last}", path)
             self.state.update({"best_" + k: float(v) for k, v in logs.items()
                                if k.startswith("val_")}, best_epoch=epoch + 1)
-        self.state.update(epochs_done=epoch + 1, elapsed_minutes=logs["elapsed_minutes"])
-        write_json(self.state, self.out / f"{self.prefix}state.json")
+        self.state.update(epochs_done=epoch + 1, elapsed_minutes=logs["elapsed_minutes"],
+                          optimizer_steps=int(self.model.optimizer.iterations))
+        text = json_text(self.state)
+        writers[f"{self.prefix}state.json"] = lambda path: Path(path).write_text(text)
+        save_together(writers, self.out)
+        crash_point(self.prefix + "epoch saved")
+
+
+class Interrupted(Exception):
+    """Training was stopped by a signal (its name is the message)."""
+
+
+_stop_signals = []  # names of the signals received, filled by catching_stop_signals' handler
+
+
+@contextlib.contextmanager
+def catching_stop_signals():
+    """While inside: SIGINT and SIGTERM only note that they arrived, and StopOnSignal stops
+    training at the next batch. A second one stops at once (the files stay consistent: every
+    write is atomic, and an epoch is committed whole)."""
+    def note(signum, frame):
+        if _stop_signals:
+            raise KeyboardInterrupt
+        _stop_signals.append(signal.Signals(signum).name)
+        print(f"\n{_stop_signals[0]} received: stopping at the next batch and dropping the "
+              f"epoch in progress (send it again to stop at once).", flush=True)
+
+    _stop_signals.clear()
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Raises Interrupted at the first batch end (training or validation) after SIGINT or
+    SIGTERM, so that fit() ends before the epoch is logged or saved; placed last, it also
+    stops right after an epoch was committed."""
+
+    def _check(self, *args, **kwargs):
+        if _stop_signals:
+            raise Interrupted(_stop_signals[0])
+
+    def on_train_batch_end(self, batch, logs=None):
+        crash_point("train batch")
+        self._check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        crash_point("validation batch")
+        self._check()
+
+    on_epoch_end = _check
 
 
 class ProgressGif(keras.callbacks.Callback):
     """Each epoch: reconstruct fixed validation images into frames/epoch_NNN.png, rebuild
-    progress.gif from every frame so far (so a resumed run keeps its history)."""
+    progress.gif from every frame so far (so a resumed run keeps its history). Frames after
+    `epochs_done` (of an epoch that a killed run did not commit) are deleted at the start."""
 
-    def __init__(self, images, out, tile=128):
+    def __init__(self, images, out, tile=128, epochs_done=0):
         super().__init__()
         self.images, self.frames, self.out, self.tile = images, Path(out) / "frames", out, tile
         self.frames.mkdir(parents=True, exist_ok=True)
+        for frame in self.frames.glob("epoch_*.png"):
+            if int(frame.stem.split("_")[1]) > epochs_done:
+                frame.unlink()
 
     def on_epoch_end(self, epoch, logs=None):
         reconstructions = self.model.predict(self.images, verbose=0)

@@ -32,6 +32,7 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
 from monitor import file_sha256, load_checkpoint, read_json, write_json  # noqa: E402
+from settings import read_run_config  # noqa: E402
 
 FOREGROUND = 0.02  # pixels brighter than this in the original count as brain, not background
 
@@ -79,11 +80,11 @@ def load_run(folder, weights):
                     if weights == "best" and (folder / "last.keras").exists() else "")
             sys.exit(f"error: {path} not found: --checkpoint must be the --out folder of a "
                      f"train.py run (default out/).{hint}")
-    config = read_json(config_path)
+    config = read_run_config(config_path)
     # run the model in the precision it was trained in: layers rebuilt on loading take the
     # global policy, and float32 layers would pick slightly different codes than training did
     keras.mixed_precision.set_global_policy(config.get("precision", "float32"))
-    return load_checkpoint(model_path), config
+    return load_checkpoint(model_path, modules.VQVAE), config
 
 
 def load_generator(folder):
@@ -99,7 +100,7 @@ def load_generator(folder):
         sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
                  f"codes: delete {state_path} and train a new prior (python train.py "
                  f"--prior-only --out {folder}).")
-    return load_checkpoint(prior_path), vqvae, config
+    return load_checkpoint(prior_path, modules.PixelCNNPrior), vqvae, config
 
 
 def test_folder(args, config):

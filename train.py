@@ -14,9 +14,8 @@ progress frames and progress.gif; for the prior prior_best.keras, prior_last.ker
 prior_training_log.csv and prior_bits_curve.png.
 """
 
-import argparse
-import math
 import dataclasses
+import math
 import json
 import os
 import shutil
@@ -33,177 +32,15 @@ import tensorflow as tf  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
-from monitor import (Checkpoints, Plots, ProgressGif, WallClock, draw_vqvae_curves,  # noqa: E402
-                     file_sha256, load_checkpoint, prior_curve_drawer, read_json, write_json)
+from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,  # noqa: E402
+                     WallClock, catching_stop_signals, crash_point, draw_vqvae_curves,
+                     file_sha256, load_checkpoint, prior_curve_drawer, read_json, trim_log,
+                     write_json)
+from settings import parse_args, read_run_config  # noqa: E402
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
 DEMO_MINUTES, DEMO_PRIOR_MINUTES = 5.0, 4.0  # the first `python train.py`: ~10 min, 2 cores
 DEMO_DOWNSAMPLE = 8  # 32x32 code maps: a prior learns them in the demo's few minutes
-
-
-@dataclasses.dataclass
-class Config:
-    # data: an OASIS root, or explicit split folders; empty = OASIS at data/, else the demo set
-    data: str = ""
-    train_dir: str = ""
-    val_dir: str = ""
-    test_dir: str = ""
-    out: str = "out"
-    image_size: int = 256
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    time_limit: float | None = None  # minutes of training; 0 = no limit; None = unset
-    precision: str = "auto"  # auto | float32 | mixed_bfloat16
-    seed: int = 0
-    # model
-    downsample: int = 4
-    width: int = 64
-    res_blocks: int = 1
-    code_dim: int = 32
-    codebook_size: int = 512
-    beta: float = 0.25
-    codebook: str = "ema"  # ema | loss (the original codebook loss)
-    ema_decay: float = 0.99
-    dead_code_steps: int = 100
-    progress_images: int = 6
-    # stage two: the PixelCNN prior over code maps, trained after the VQ-VAE (0 epochs: none)
-    prior_epochs: int = 20
-    prior_batch_size: int = 32
-    prior_learning_rate: float = 1e-3
-    prior_time_limit: float | None = None  # minutes; 0 = no limit; None = unset
-    prior_width: int = 64
-    prior_layers: int = 12
-    prior_kernel: int = 5
-
-
-HELP = {
-    "data": "OASIS root holding keras_png_slices_{train,validate,test}",
-    "train_dir": "folder of training slices (PNG/JPEG); needs --val-dir",
-    "val_dir": "folder of validation slices",
-    "test_dir": "folder of test slices (optional; saved for predict.py)",
-    "out": "output folder", "image_size": "images are fitted into this square (pixels)",
-    "epochs": "epochs in all (a resumed run counts the epochs already done)",
-    "batch_size": "images per training step", "learning_rate": "Adam learning rate",
-    "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
-                  "parts included (0: no limit; unset: none, or 5 on the demo set)",
-    "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
-    "seed": "seed for weights, shuffling and the demo set",
-    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the demo "
-                  "set uses 8 unless given)",
-    "width": "channels at the latent resolution (at least 8)",
-    "res_blocks": "residual blocks at the latent resolution, in encoder and decoder",
-    "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
-    "beta": "commitment cost",
-    "codebook": "ema: exponential moving averages; loss: learned by the codebook loss",
-    "ema_decay": "decay of the codebook moving averages",
-    "dead_code_steps": "re-seed a code after this many training steps unused",
-    "progress_images": "validation images shown in the progress GIF",
-    "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
-    "prior_batch_size": "code maps per prior training step",
-    "prior_learning_rate": "Adam learning rate of the prior",
-    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
-    "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
-    "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
-}
-RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit")
-PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + ("out",)
-
-
-def parse_args(argv=None):
-    """(Config, mode) from the command line; mode says resume, prior_only and more_epochs.
-    Flags default to None here so that the ones actually given can be told apart (a resumed
-    or --prior-only run takes the rest from its config.json)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        choices = {"precision": ["auto", "float32", "mixed_bfloat16"],
-                   "codebook": ["ema", "loss"]}.get(field.name)
-        kind = float if field.name.endswith("time_limit") else type(field.default)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind,
-                            choices=choices, help=f"{HELP[field.name]} (default: "
-                                                  f"{field.default!r})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run saved in --out with its saved settings: the "
-                             "VQ-VAE if it was cut short (or given more --epochs), else the prior")
-    parser.add_argument("--prior-only", action="store_true",
-                        help="train a new prior on the VQ-VAE saved in --out (its best.keras)")
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("resume", "prior_only")}
-    allowed = (RESUMABLE if args.resume else PRIOR_SETTINGS if args.prior_only else None)
-    if args.resume and args.prior_only:
-        parser.error("--resume and --prior-only do not go together: --resume continues a "
-                     "prior that was cut short")
-    if allowed is not None:
-        if set(given) - set(allowed):
-            flags = ", ".join("--" + name.replace("_", "-") for name in allowed)
-            extra = ", ".join("--" + name.replace("_", "-")
-                              for name in sorted(set(given) - set(allowed)))
-            parser.error(f"{'--resume' if args.resume else '--prior-only'} keeps the saved "
-                         f"settings: only {flags} may be given, not {extra}")
-        flag = "--resume" if args.resume else "--prior-only"
-        config = Config(**{**saved_settings(given.get("out", Config.out), flag), **given})
-    else:
-        config = Config(**given)
-    check(config, parser)
-    if args.prior_only and (Path(config.out) / "prior_state.json").exists():
-        parser.error(f"{config.out} holds a prior already: continue it with --resume, or delete "
-                     f"its prior_* files to train a new one")
-    if args.prior_only and config.prior_epochs == 0:
-        if "prior_epochs" in given:
-            parser.error("--prior-only needs --prior-epochs of at least 1")
-        config.prior_epochs = Config.prior_epochs  # the run was saved with its prior off
-    # --epochs or --time-limit with --resume ask the VQ-VAE for more, even if it had finished
-    mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
-                              more_epochs=bool({"epochs", "time_limit"} & set(given)),
-                              given=frozenset(given))
-    return config, mode
-
-
-def check(config, parser):
-    """Refuse impossible settings before any work is done."""
-    at_least_one = ("image_size", "epochs", "batch_size", "code_dim", "progress_images",
-                    "dead_code_steps", "prior_batch_size", "prior_width", "prior_layers")
-    problems = {f"--{name.replace('_', '-')} must be at least 1": getattr(config, name) < 1
-                for name in at_least_one}
-    problems |= {"--width must be at least 8": config.width < 8,
-                "--codebook-size must be at least 2": config.codebook_size < 2,
-                "--res-blocks cannot be negative": config.res_blocks < 0,
-                "--seed must be between 0 and 2**32 - 1": not 0 <= config.seed < 2**32,
-                "--learning-rate must be a positive number": not 0 < config.learning_rate < 1e3,
-                "--beta must be a number >= 0": not 0 <= config.beta < 1e6,
-                "--ema-decay must be between 0 and 1": not 0 < config.ema_decay < 1,
-                "--time-limit must be a number >= 0": config.time_limit is not None
-                and not 0 <= config.time_limit < 1e9,
-                "--prior-time-limit must be a number >= 0": config.prior_time_limit is not None
-                and not 0 <= config.prior_time_limit < 1e9,
-                "--prior-epochs cannot be negative": config.prior_epochs < 0,
-                "--prior-learning-rate must be a positive number":
-                not 0 < config.prior_learning_rate < 1e3,
-                "--prior-kernel must be an odd number >= 3": config.prior_kernel < 3
-                or config.prior_kernel % 2 == 0,
-                f"--out {config.out} is, or is inside, a file, not a folder": any(
-                    p.is_file() for p in (Path(config.out), *Path(config.out).parents)),
-                "--image-size must be at least 16 (SSIM's 11-pixel window must fit)":
-                config.image_size < 16,
-                f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
-                f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
-                or config.image_size % config.downsample != 0}
-    for message, failed in problems.items():
-        if failed:
-            parser.error(message)
-
-
-def saved_settings(out, flag):
-    """The settings saved by the run in `out` (for --resume and --prior-only)."""
-    path = Path(out) / "config.json"
-    model = "last.keras" if flag == "--resume" else "best.keras"
-    for needed in (path, path.with_name(model), path.with_name("state.json")):
-        if not needed.exists():
-            sys.exit(f"error: {flag} needs {needed}, which does not exist: start a run with "
-                     f"this --out first (or check --out).")
-    return read_json(path)["train"]
 
 
 def resolve_splits(config, given=()):
@@ -248,6 +85,32 @@ def demo_root(seed):
         staging.replace(DEMO_ROOT)
         print(f"built the demo set in {DEMO_ROOT} ({time.time() - start:.0f} s)", flush=True)
     return DEMO_ROOT
+
+
+def list_split(folder, config, skipped):
+    """dataset.list_images; under --skip-bad-files bad files are left out, added to `skipped`
+    and announced (how many, and the first few)."""
+    if not config.skip_bad_files:
+        return dataset.list_images(folder)
+    before = len(skipped)
+    paths = dataset.list_images(folder, skipped)
+    if len(skipped) > before:
+        left_out = skipped[before:]
+        print(f"--skip-bad-files: left out {len(left_out)} bad file(s) in {folder}: "
+              + "; ".join(left_out[:3]) + (" ..." if len(left_out) > 3 else ""), flush=True)
+    return paths
+
+
+def pixel_variance(paths, folder, config):
+    """The variance of training pixels (from up to 256 slices spread over the split), which
+    scales the reconstruction loss; zero would divide by zero, and means no data to learn."""
+    variance = float(np.var(dataset.fixed_batch(paths, config.image_size, 256)))
+    if not variance > 0:
+        raise dataset.DataError(
+            f"the training slices in {folder} are blank: every pixel has the same value (zero "
+            f"variance), so there is nothing to learn. Check that the folder holds the MRI "
+            f"slices (not masks or empty exports) and that they are not all black.")
+    return variance
 
 
 def choose_precision(choice):
@@ -305,10 +168,23 @@ def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag)
 
 def main(argv=None):
     config, mode = parse_args(argv)
-    try:
-        train(config, mode)
-    except dataset.DataError as error:
-        sys.exit(f"error: {error}")
+    with catching_stop_signals():
+        try:
+            train(config, mode)
+        except dataset.DataError as error:
+            sys.exit(f"error: {error}")
+        except Interrupted as signal_name:
+            sys.exit(f"stopped by {signal_name}: {saved_epochs(Path(config.out))}; the epoch in "
+                     f"progress was dropped. Resume with:\n  python train.py --resume --out "
+                     f"{config.out}")
+
+
+def saved_epochs(out):
+    """'3 epochs of the VQ-VAE and 1 of the prior are saved in out' (what --resume has)."""
+    done = [read_json(out / f"{prefix}state.json")["epochs_done"]
+            if (out / f"{prefix}state.json").exists() else 0 for prefix in ("", "prior_")]
+    prior = f" and {done[1]} of the prior" if done[1] else ""
+    return f"{done[0]} epochs of the VQ-VAE{prior} are saved in {out}"
 
 
 def train(config, mode):
@@ -318,12 +194,13 @@ def train(config, mode):
     keras.utils.set_random_seed(config.seed)
     precision = choose_precision(config.precision)
     keras.mixed_precision.set_global_policy(precision)
-    state = read_json(out / "state.json") if mode.resume or mode.prior_only else {}
-    if not (mode.resume or mode.prior_only) and (out / "state.json").exists():
+    continuing = mode.resume or mode.prior_only
+    state = read_json(out / "state.json") if (out / "state.json").exists() else {}
+    if state and not continuing:
         sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
                  f"give a new --out folder (or delete {out}) to start another.")
     # a resumed run reads the very folders it was trained on
-    splits = (read_json(out / "config.json")["splits"] if state
+    splits = (read_run_config(out / "config.json")["splits"] if continuing
               else resolve_splits(config, mode.given))
     # --resume continues the VQ-VAE if it was cut short or given more epochs, else the prior
     vqvae_pending = not mode.prior_only and (not state or mode.more_epochs or (
@@ -350,10 +227,11 @@ def train_vqvae(config, out, splits, state, precision):
     # a prior learned the codes of the old VQ-VAE: forget it, so that a run killed before the
     # new prior's first epoch resumes into a fresh prior rather than a stale one
     (out / "prior_state.json").unlink(missing_ok=True)
-    train_paths = dataset.list_images(splits["train"])
-    val_paths = dataset.list_images(splits["validate"])
+    skipped = []
+    train_paths, val_paths = (list_split(splits[name], config, skipped)
+                              for name in ("train", "validate"))
     if splits["test"]:
-        dataset.list_images(splits["test"])
+        list_split(splits["test"], config, skipped)
     print(f"data: {len(train_paths)} train slices in {splits['train']}, {len(val_paths)} "
           f"validation slices in {splits['validate']}; test: {splits['test']}")
     # a resumed run gets a new shuffle order, not a replay of the first epochs
@@ -362,13 +240,12 @@ def train_vqvae(config, out, splits, state, precision):
     val_ds = dataset.load_split(val_paths, config.image_size, config.batch_size)
 
     if resume:
-        model = load_checkpoint(out / "last.keras")
+        model = load_checkpoint(out / "last.keras", modules.VQVAE)
         print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
     else:
-        variance = float(np.var(dataset.fixed_batch(train_paths, config.image_size, 256)))
-        model = build_model(config, variance)
+        model = build_model(config, pixel_variance(train_paths, splits["train"], config))
     write_json({"train": dataclasses.asdict(config), "precision": precision, "splits": splits,
-                "model": model.get_config()}, out / "config.json")
+                "model": model.get_config(), "skipped_files": skipped}, out / "config.json")
     print("settings:", json.dumps({**dataclasses.asdict(config), "precision": precision}))
     print(f"model: {model.count_params():,} parameters, latent grid "
           f"{config.image_size // config.downsample}^2 x {config.code_dim}, "
@@ -378,16 +255,18 @@ def train_vqvae(config, out, splits, state, precision):
     describe = (lambda logs: f"val SSIM {logs['val_ssim']:.4f}, PSNR {logs['val_psnr']:.2f} dB, "
                 f"perplexity {logs['val_perplexity']:.0f}, codebook usage "
                 f"{logs['val_codebook_usage']:.0%}")
-    callbacks = [
+    trim_log(csv_path, state.get("epochs_done", 0))
+    gif_images = dataset.fixed_batch(val_paths, config.image_size, config.progress_images)
+    callbacks = [  # in this order: the epoch's log, frame and plots, then its checkpoints
         WallClock(config.epochs, config.time_limit, state.get("elapsed_minutes", 0.0) * 60,
                   describe),
         keras.callbacks.CSVLogger(str(csv_path), append=resume),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
-        Checkpoints(out, state),
-        ProgressGif(dataset.fixed_batch(val_paths, config.image_size, config.progress_images),
-                    out),
+        ProgressGif(gif_images, out, epochs_done=state.get("epochs_done", 0)),
         Plots(csv_path, out, draw_vqvae_curves),
+        Checkpoints(out, state),
+        StopOnSignal(),
     ]
     started = time.time()
     with dataset.naming_bad_files(train_paths + val_paths):
@@ -414,12 +293,13 @@ def train_prior(config, out, splits, resume):
         sys.exit(f"error: the prior in {out} has done {state['epochs_done']} epochs already: "
                  f"pass --prior-epochs larger than that to train it more.")
     started = time.time()
-    vqvae = load_checkpoint(vqvae_path)
+    vqvae = load_checkpoint(vqvae_path, modules.VQVAE)
     codes = {}
     for split in ("train", "validate"):
-        paths = dataset.list_images(splits[split])
+        paths = list_split(splits[split], config, [])
         with dataset.naming_bad_files(paths):
             codes[split] = vqvae.encode_all(dataset.load_split(paths, config.image_size, 64))
+        crash_point("prior encoded " + split)
     grid, K = codes["train"].shape[1], vqvae.codebook_size
     print(f"prior: encoded {len(codes['train'])} train and {len(codes['validate'])} validation "
           f"slices into {grid}x{grid} code maps with {vqvae_path} "
@@ -428,7 +308,7 @@ def train_prior(config, out, splits, resume):
                  "unigram": metrics.unigram_bits(codes["train"], codes["validate"], K),
                  "per-position unigram": metrics.position_unigram_bits(
                      codes["train"], codes["validate"], K)}
-    prior = (load_checkpoint(out / "prior_last.keras") if resume
+    prior = (load_checkpoint(out / "prior_last.keras", modules.PixelCNNPrior) if resume
              else build_prior(config, grid, K))
     saved = read_json(out / "config.json")
     write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
@@ -443,14 +323,16 @@ def train_prior(config, out, splits, resume):
     csv_path = out / "prior_training_log.csv"
     describe = (lambda logs: f"bits per code: train {logs['bits_per_code']:.3f}, validation "
                 f"{logs['val_bits_per_code']:.3f}")
-    callbacks = [
+    trim_log(csv_path, state.get("epochs_done", 0))
+    callbacks = [  # in this order: the epoch's log and plot, then its checkpoints
         WallClock(config.prior_epochs, config.prior_time_limit,
                   state.get("elapsed_minutes", 0.0) * 60, describe, name="prior "),
         keras.callbacks.CSVLogger(str(csv_path), append=resume),
         keras.callbacks.TensorBoard(str(out / "tensorboard" / "prior"), profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
-        Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False),
         Plots(csv_path, out, prior_curve_drawer(baselines)),
+        Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False),
+        StopOnSignal(),
     ]
     fit(prior, train_ds, val_ds, config.prior_epochs, state, callbacks, "bits_per_code",
         "--prior-learning-rate")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -156,3 +158,91 @@ def test_a_decode_failure_inside_the_pipeline_names_the_file(tmp_path):
 def test_a_split_folder_given_as_the_root_points_to_its_parent(oasis_root):
     with pytest.raises(dataset.DataError, match="one split folder: pass the folder that holds"):
         dataset.oasis_split_dirs(oasis_root / "keras_png_slices_train")
+
+
+# --- bad and unusual files: each bad one is named before training; the rest just work -------
+
+def brain_like(mode="L", size=(40, 40)):
+    """A bright disc on black in the given PIL mode."""
+    rows, cols = np.mgrid[:size[1], :size[0]]
+    disc = ((rows - size[1] / 2) ** 2 + (cols - size[0] / 2) ** 2 < (min(size) / 3) ** 2)
+    return Image.fromarray((disc * 200).astype(np.uint8)).convert(mode)
+
+
+def truncated_png(path):
+    brain_like().save(path)
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def text_file(path):
+    path.write_text("this is not an image\n")
+
+
+def broken_link(path):
+    path.symlink_to(path.with_name("gone.png"))
+
+
+def cmyk_jpeg(path):
+    brain_like().convert("CMYK").save(path, format="JPEG")
+
+
+@pytest.mark.parametrize("make, problem", [
+    (truncated_png, "is not a readable image"),
+    (lambda path: path.write_bytes(b""), "is empty"),
+    (text_file, "is not a readable image"),
+    (broken_link, "is a broken link"),
+    (cmyk_jpeg, "TensorFlow cannot decode"),
+])
+def test_each_bad_file_is_named_with_what_to_do_or_skipped_and_listed(tmp_path, make, problem):
+    folder = write_slices(tmp_path / "split", 2)
+    bad = folder / "bad slice é.png"
+    make(bad)
+    with pytest.raises(dataset.DataError) as error:
+        dataset.list_images(folder)
+    assert str(bad) in str(error.value) and problem in str(error.value)
+    assert "Remove or replace it, or pass --skip-bad-files" in str(error.value)
+    skipped = []
+    assert dataset.list_images(folder, skipped) == [str(folder / "slice_000.png"),
+                                                    str(folder / "slice_001.png")]
+    assert len(skipped) == 1 and skipped[0].startswith(str(bad)) and problem in skipped[0]
+
+
+@pytest.mark.parametrize("name, save", [
+    ("jpeg named.png", lambda path: brain_like().save(path, format="JPEG", quality=95)),
+    ("sixteen_bit.png", lambda path: Image.fromarray(
+        np.asarray(brain_like(), np.uint16) * 257).save(path)),
+    ("rgba.png", lambda path: brain_like("RGBA").save(path)),
+    ("palette.png", lambda path: brain_like("P").save(path)),
+    ("one_bit.png", lambda path: brain_like("1").save(path)),
+    ("tall and narrow.png", lambda path: brain_like(size=(20, 50)).save(path)),
+    ("naïve ü 脑.png", lambda path: brain_like().save(path)),
+])
+def test_unusual_but_valid_images_are_read_as_grayscale_slices(tmp_path, name, save):
+    folder = tmp_path / "split"
+    folder.mkdir()
+    save(folder / name)
+    paths = dataset.list_images(folder)
+    image = first_batch(paths, image_size=32)[0, ..., 0]
+    assert image.shape == (32, 32) and image[16, 16] > 0.5 and image[0, 0] == 0  # disc on black
+
+
+def test_other_files_and_sub_folders_in_a_split_are_ignored(tmp_path):
+    folder = write_slices(tmp_path / "split", 2)
+    (folder / "notes.txt").write_text("scan notes")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    (folder / "extra").mkdir()
+    write_slices(folder / "extra", 1)
+    (folder / "looks_like.png").mkdir()
+    assert [Path(p).name for p in dataset.list_images(folder)] == ["slice_000.png",
+                                                                  "slice_001.png"]
+
+
+def test_one_bad_file_among_thousands_is_found_and_named(tmp_path):
+    folder = tmp_path / "split"
+    folder.mkdir()
+    png = (write_slices(tmp_path / "one", 1) / "slice_000.png").read_bytes()
+    for i in range(2000):
+        (folder / f"slice_{i:05d}.png").write_bytes(png)
+    truncated_png(folder / "slice_01234.png")
+    with pytest.raises(dataset.DataError, match="slice_01234.png is not a readable image"):
+        dataset.list_images(folder)

@@ -70,7 +70,7 @@ def test_a_damaged_checkpoint_is_reported_not_crashed_on(trained_run, tmp_path):
     for name in ("config.json", "state.json"):
         (tmp_path / name).write_bytes((trained_run / name).read_bytes())
     (tmp_path / "last.keras").write_bytes(b"not a keras file")
-    with pytest.raises(SystemExit, match="could not load .*last.keras"):
+    with pytest.raises(SystemExit, match="last.keras is not a Keras model file"):
         predict.main(["--checkpoint", str(tmp_path), "--weights", "last"])
     with pytest.raises(SystemExit, match="Try --weights last"):
         predict.main(["--checkpoint", str(tmp_path)])
@@ -156,3 +156,21 @@ def test_a_mixed_bfloat16_run_with_blank_slices_trains_predicts_and_generates(tm
     predict.main(["--checkpoint", str(out), "--generate", "4", "--out", str(tmp_path / "gen")])
     generated = strict_json(tmp_path / "gen" / "generation_report.json")
     assert np.isfinite(generated["metrics"]["bits_per_test_code"]["prior"])
+
+
+@pytest.mark.parametrize("file, damage, argv, message", [
+    ("best.keras", b"", [], "best.keras is empty"),
+    ("best.keras", b"PK\x03\x04 truncated", [], "best.keras is not a Keras model file"),
+    ("prior_best.keras", "best.keras", ["--generate", "2", "--no-metrics"],
+     "prior_best.keras holds a VQVAE model, not a PixelCNNPrior"),
+    ("config.json", b'{"train": {}}', [], "config.json was written by another version"),
+])
+def test_predict_names_a_bad_run_file_and_what_is_wrong(trained_run, tmp_path, file, damage,
+                                                        argv, message):
+    out = copy_run(trained_run, tmp_path / "run")
+    (out / file).write_bytes((out / damage).read_bytes() if isinstance(damage, str) else damage)
+    (out / "prior_state.json").write_text(json.dumps(
+        {**json.loads((out / "prior_state.json").read_text()),
+         "vqvae_sha256": predict.file_sha256(out / "best.keras")}))
+    with pytest.raises(SystemExit, match=message):
+        predict.main(["--checkpoint", str(out), "--out", str(tmp_path / "p"), *argv])

@@ -2,6 +2,7 @@ import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,9 +11,11 @@ import tensorflow as tf
 from PIL import Image
 
 import dataset
+import modules
 import monitor
 import train
-from conftest import TINY
+from conftest import TINY, write_slices
+from settings import Config
 
 
 def read_log(out):
@@ -67,7 +70,7 @@ def test_time_limit_stops_after_the_first_epoch(oasis_root, tmp_path):
 def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 4, "validate": 2, "test": 2})
-    config = train.Config()
+    config = Config()
     splits = train.resolve_splits(config)
     assert "DEMO" in capsys.readouterr().out
     assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
@@ -92,42 +95,12 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, argv, message, capsys):
     assert message in str(exit_.value)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--image-size", "30"], "--downsample must be 2, 4, 8 or 16 and divide --image-size"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--width", "4"], "--width must be at least 8"),
-    (["--ema-decay", "1.5"], "--ema-decay must be between 0 and 1"),
-    (["--resume", "--learning-rate", "0.1"], "only --epochs, --time-limit, --out, --prior-epochs"),
-    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
-    (["--beta", "-1"], "--beta must be a number >= 0"),
-    (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
-    (["--out", __file__], "is, or is inside, a file, not a folder"),
-])
-def test_impossible_settings_are_refused_before_any_work(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(argv)
-    assert message in capsys.readouterr().err
-
-
-def test_resume_without_a_saved_run_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="--resume needs .*config.json"):
-        train.main(["--resume", "--out", str(tmp_path)])
-
-
-def test_resume_takes_saved_settings_and_any_given_epochs_or_time_limit(trained_run):
-    config, resume = train.parse_args(["--resume", "--out", str(trained_run), "--epochs", "20",
-                                       "--time-limit", "0"])
-    assert resume and config.image_size == 32 and config.codebook_size == 16
-    assert config.epochs == 20 and config.time_limit == 0  # defaults, still taken when given
-    assert config.out == str(trained_run)
-
-
 def test_a_new_seed_rebuilds_the_demo_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
-    first = train.resolve_splits(train.Config(seed=0))["train"]
+    first = train.resolve_splits(Config(seed=0))["train"]
     image = (tmp_path / first / "demo_0000.png").read_bytes()
-    train.resolve_splits(train.Config(seed=1))
+    train.resolve_splits(Config(seed=1))
     assert (tmp_path / first / "demo_0000.png").read_bytes() != image
     assert (tmp_path / "data" / "demo" / "complete").read_text() == "seed 1\n"
 
@@ -196,7 +169,7 @@ def test_prior_only_adds_a_prior_to_a_vqvae_run(oasis_root, tmp_path, capsys):
     assert json.loads((out / "prior_state.json").read_text())["epochs_done"] == 1
     assert json.loads((out / "config.json").read_text())["prior"]["width"] == 4
     for argv, message in [([], "holds a prior already: continue it with --resume"),
-                          (["--width", "16"], "only --prior-epochs, .* may be given, not --width"),
+                          (["--width", "16"], "contradict them: --width 16 .the run has 8."),
                           (["--resume"], "--resume and --prior-only do not go together")]:
         with pytest.raises(SystemExit):
             train.main(["--prior-only", *argv, "--out", str(out)])
@@ -232,15 +205,92 @@ def test_a_nan_in_validation_alone_stops_the_run_with_an_error(tmp_path):
 def test_damaged_run_files_are_named_not_crashed_on(trained_run, tmp_path):
     out = copy_run(trained_run, tmp_path / "out")
     (out / "prior_last.keras").write_bytes(b"not a keras file")
-    with pytest.raises(SystemExit, match="could not load .*prior_last.keras"):
+    with pytest.raises(SystemExit, match="prior_last.keras is not a Keras model file"):
         train.main(["--resume", "--prior-epochs", "5", "--out", str(out)])
     (out / "state.json").write_text("{broken")
     with pytest.raises(SystemExit, match="could not read .*state.json"):
         train.main(["--resume", "--out", str(out)])
 
 
-def test_an_out_folder_inside_a_file_is_refused(tmp_path, capsys):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit):
-        train.parse_args(["--out", str(tmp_path / "file" / "run")])
-    assert "is, or is inside, a file" in capsys.readouterr().err
+def split_root(tmp_path, counts):
+    """An OASIS-layout root with `counts` {split: slices} of fake slices."""
+    root = tmp_path / "keras_png_slices_data"
+    for seed, (split, count) in enumerate(counts.items()):
+        write_slices(root / f"keras_png_slices_{split}", count, seed)
+    return root
+
+
+def test_skip_bad_files_leaves_them_out_lists_them_and_trains(tmp_path, capsys):
+    root = split_root(tmp_path, {"train": 10, "validate": 4})
+    train_dir = root / "keras_png_slices_train"
+    (train_dir / "empty.png").write_bytes(b"")
+    (train_dir / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="empty.png is empty.*--skip-bad-files"):
+        train.main(["--data", str(root), "--epochs", "1", "--out", str(tmp_path / "a"), *TINY,
+                    "--prior-epochs", "0"])
+    train.main(["--data", str(root), "--epochs", "1", "--out", str(tmp_path / "b"), *TINY,
+                "--prior-epochs", "1", "--skip-bad-files"])
+    assert "left out 2 bad file(s)" in capsys.readouterr().out
+    skipped = json.loads((tmp_path / "b" / "config.json").read_text())["skipped_files"]
+    assert [Path(entry.split(" (")[0]).name for entry in skipped] == ["empty.png", "notes.png"]
+    assert json.loads((tmp_path / "b" / "prior_state.json").read_text())["epochs_done"] == 1
+
+
+def test_a_split_of_a_single_slice_trains(tmp_path):
+    root = split_root(tmp_path, {"train": 1, "validate": 1})
+    train.main(["--data", str(root), "--epochs", "2", "--out", str(tmp_path / "out"), *TINY])
+    assert len(read_log(tmp_path / "out")) == 2
+
+
+def test_blank_training_slices_get_a_message_about_the_data(tmp_path):
+    root = split_root(tmp_path, {"validate": 2})
+    blank = root / "keras_png_slices_train"
+    blank.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(blank / f"black_{i}.png")
+    with pytest.raises(SystemExit, match="keras_png_slices_train are blank: every pixel has the "
+                                         "same value"):
+        train.main(["--data", str(root), "--out", str(tmp_path / "out"), *TINY])
+    with pytest.raises(ValueError, match="data_variance must be positive"):
+        modules.VQVAE(image_size=16, width=8, code_dim=4, codebook_size=8, data_variance=0.0)
+
+
+def test_resume_after_a_kill_before_the_first_epoch_starts_afresh(trained_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_bytes((trained_run / "config.json").read_bytes())
+    train.main(["--resume", "--out", str(out), "--prior-epochs", "0"])
+    assert json.loads((out / "state.json").read_text())["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(b""), "best.keras is empty"),
+    (lambda path: path.write_bytes(path.read_bytes()[:2000]), "best.keras is not a Keras "
+                                                               "model file"),
+    (lambda path: path.write_text("hello"), "best.keras is not a Keras model file"),
+    (lambda path: zip_of_text(path), r"best.keras could not be loaded"),
+    (lambda path: foreign_model().save(path), "best.keras holds a Sequential model, not a VQVAE"),
+    (lambda path: path.write_bytes(path.with_name("prior_best.keras").read_bytes()),
+     "best.keras holds a PixelCNNPrior model, not a VQVAE"),
+    (lambda path: lambda_model().save(path), "best.keras holds code .a Lambda layer."),
+])
+def test_bad_checkpoints_are_named_with_what_is_wrong(trained_run, tmp_path, damage, message):
+    out = copy_run(trained_run, tmp_path / "out")
+    (out / "prior_state.json").unlink()
+    damage(out / "best.keras")
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--prior-only", "--out", str(out)])
+
+
+def zip_of_text(path):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "a zip, but not a Keras model")
+
+
+def foreign_model():
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+
+def lambda_model():
+    return keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda x: x * 2)])

@@ -1,0 +1,222 @@
+"""train.py's settings: the one Config of a run, its command line, and the checks that refuse
+impossible settings, contradicting flags and unusable saved runs before any work is done.
+
+A run saves its Config in config.json; `--resume` and `--prior-only` read it back
+(`saved_settings`), and predict.py reads the folders and sizes it needs from it
+(`read_run_config`).
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from monitor import finish_saves, read_json
+
+
+@dataclasses.dataclass
+class Config:
+    # data: an OASIS root, or explicit split folders; empty = OASIS at data/, else the demo set
+    data: str = ""
+    train_dir: str = ""
+    val_dir: str = ""
+    test_dir: str = ""
+    out: str = "out"
+    image_size: int = 256
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    time_limit: float | None = None  # minutes of training; 0 = no limit; None = unset
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16
+    seed: int = 0
+    # model
+    downsample: int = 4
+    width: int = 64
+    res_blocks: int = 1
+    code_dim: int = 32
+    codebook_size: int = 512
+    beta: float = 0.25
+    codebook: str = "ema"  # ema | loss (the original codebook loss)
+    ema_decay: float = 0.99
+    dead_code_steps: int = 100
+    progress_images: int = 6
+    skip_bad_files: bool = False  # leave unreadable images out (listed) instead of stopping
+    # stage two: the PixelCNN prior over code maps, trained after the VQ-VAE (0 epochs: none)
+    prior_epochs: int = 20
+    prior_batch_size: int = 32
+    prior_learning_rate: float = 1e-3
+    prior_time_limit: float | None = None  # minutes; 0 = no limit; None = unset
+    prior_width: int = 64
+    prior_layers: int = 12
+    prior_kernel: int = 5
+
+
+HELP = {
+    "data": "OASIS root holding keras_png_slices_{train,validate,test}",
+    "train_dir": "folder of training slices (PNG/JPEG); needs --val-dir",
+    "val_dir": "folder of validation slices",
+    "test_dir": "folder of test slices (optional; saved for predict.py)",
+    "out": "output folder", "image_size": "images are fitted into this square (pixels)",
+    "epochs": "epochs in all (a resumed run counts the epochs already done)",
+    "batch_size": "images per training step", "learning_rate": "Adam learning rate",
+    "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
+                  "parts included (0: no limit; unset: none, or 5 on the demo set)",
+    "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
+    "seed": "seed for weights, shuffling and the demo set",
+    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the demo "
+                  "set uses 8 unless given)",
+    "width": "channels at the latent resolution (at least 8)",
+    "res_blocks": "residual blocks at the latent resolution, in encoder and decoder",
+    "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
+    "beta": "commitment cost",
+    "codebook": "ema: exponential moving averages; loss: learned by the codebook loss",
+    "ema_decay": "decay of the codebook moving averages",
+    "dead_code_steps": "re-seed a code after this many training steps unused",
+    "progress_images": "validation images shown in the progress GIF",
+    "skip_bad_files": "leave out unreadable or undecodable images, listing them in the log and "
+                      "config.json, instead of stopping with an error",
+    "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
+    "prior_batch_size": "code maps per prior training step",
+    "prior_learning_rate": "Adam learning rate of the prior",
+    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
+    "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
+    "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
+}
+RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit", "skip_bad_files")
+PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + ("out",
+                                                                               "skip_bad_files")
+
+
+def parse_args(argv=None):
+    """(Config, mode) from the command line; mode says resume, prior_only and more_epochs.
+    Flags default to None here so that the ones actually given can be told apart (a resumed
+    or --prior-only run takes the rest from its config.json)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train the VQ-VAE on OASIS brain slices (or the built-in "
+        "demo set), then the PixelCNN prior over its codes.")
+    for field in dataclasses.fields(Config):
+        flag, help_ = "--" + field.name.replace("_", "-"), HELP[field.name]
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_)
+            continue
+        choices = {"precision": ["auto", "float32", "mixed_bfloat16"],
+                   "codebook": ["ema", "loss"]}.get(field.name)
+        kind = float if field.name.endswith("time_limit") else type(field.default)
+        parser.add_argument(flag, type=kind, choices=choices,
+                            help=f"{help_} (default: {field.default!r})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out with its saved settings: the "
+                             "VQ-VAE if it was cut short (or given more --epochs), else the prior")
+    parser.add_argument("--prior-only", action="store_true",
+                        help="train a new prior on the VQ-VAE saved in --out (its best.keras)")
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("resume", "prior_only")}
+    allowed = (RESUMABLE if args.resume else PRIOR_SETTINGS if args.prior_only else None)
+    if args.resume and args.prior_only:
+        parser.error("--resume and --prior-only do not go together: --resume continues a "
+                     "prior that was cut short")
+    if allowed is not None:
+        flag = "--resume" if args.resume else "--prior-only"
+        saved = saved_settings(given.get("out", Config.out), flag)
+        conflicts = [f"--{name.replace('_', '-')} {given[name]!r} (the run has "
+                     f"{saved[name]!r})" for name in sorted(set(given) - set(allowed))
+                     if given[name] != saved[name]]
+        if conflicts:
+            flags = ", ".join("--" + name.replace("_", "-") for name in allowed)
+            parser.error(f"{flag} keeps the saved settings, and these contradict them: "
+                         f"{'; '.join(conflicts)}. Only {flags} may change; for other "
+                         f"settings start a new run in another --out.")
+        config = Config(**{**saved, **given})
+    else:
+        config = Config(**given)
+    check(config, parser)
+    if args.prior_only and (Path(config.out) / "prior_state.json").exists():
+        parser.error(f"{config.out} holds a prior already: continue it with --resume, or delete "
+                     f"its prior_* files to train a new one")
+    if args.prior_only and config.prior_epochs == 0:
+        if "prior_epochs" in given:
+            parser.error("--prior-only needs --prior-epochs of at least 1")
+        config.prior_epochs = Config.prior_epochs  # the run was saved with its prior off
+    # --epochs or --time-limit with --resume ask the VQ-VAE for more, even if it had finished
+    mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
+                              more_epochs=bool({"epochs", "time_limit"} & set(given)),
+                              given=frozenset(given))
+    return config, mode
+
+
+def check(config, parser):
+    """Refuse impossible settings before any work is done."""
+    at_least_one = ("image_size", "epochs", "batch_size", "code_dim", "progress_images",
+                    "dead_code_steps", "prior_batch_size", "prior_width", "prior_layers")
+    problems = {f"--{name.replace('_', '-')} must be at least 1": getattr(config, name) < 1
+                for name in at_least_one}
+    problems |= {"--width must be at least 8": config.width < 8,
+                "--codebook-size must be at least 2": config.codebook_size < 2,
+                "--res-blocks cannot be negative": config.res_blocks < 0,
+                "--seed must be between 0 and 2**32 - 1": not 0 <= config.seed < 2**32,
+                "--learning-rate must be a positive number": not 0 < config.learning_rate < 1e3,
+                "--beta must be a number >= 0": not 0 <= config.beta < 1e6,
+                "--ema-decay must be between 0 and 1": not 0 < config.ema_decay < 1,
+                "--time-limit must be a number >= 0": config.time_limit is not None
+                and not 0 <= config.time_limit < 1e9,
+                "--prior-time-limit must be a number >= 0": config.prior_time_limit is not None
+                and not 0 <= config.prior_time_limit < 1e9,
+                "--prior-epochs cannot be negative": config.prior_epochs < 0,
+                "--prior-learning-rate must be a positive number":
+                not 0 < config.prior_learning_rate < 1e3,
+                "--prior-kernel must be an odd number >= 3": config.prior_kernel < 3
+                or config.prior_kernel % 2 == 0,
+                f"--out {config.out} is, or is inside, a file, not a folder": any(
+                    p.is_file() for p in (Path(config.out), *Path(config.out).parents)),
+                "--image-size must be at least 16 (SSIM's 11-pixel window must fit)":
+                config.image_size < 16,
+                f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
+                f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
+                or config.image_size % config.downsample != 0}
+    for message, failed in problems.items():
+        if failed:
+            parser.error(message)
+
+
+def saved_settings(out, flag):
+    """The settings saved by the run in `out` (for --resume and --prior-only). A run killed
+    before its first epoch was saved has only config.json: --resume starts it afresh."""
+    path = Path(out) / "config.json"
+    finish_saves(out)  # complete (or discard) what a killed run was saving
+    needed = [path] + ([] if flag == "--resume" else [path.with_name("best.keras"),
+                                                      path.with_name("state.json")])
+    if flag == "--resume" and path.with_name("state.json").exists():
+        needed.append(path.with_name("last.keras"))
+    for file in needed:
+        if not file.exists():
+            sys.exit(f"error: {flag} needs {file}, which does not exist: start a run with "
+                     f"this --out first (or check --out).")
+    return read_run_config(path)["train"]
+
+
+def read_run_config(path):
+    """config.json of a run, checked against this version's settings; a clear exit if it was
+    written by another version or edited into something this one cannot use."""
+    saved = read_json(path)
+    settings = saved.get("train") if isinstance(saved, dict) else None
+    splits = saved.get("splits") if isinstance(saved, dict) else None
+    fields = {field.name: field.default for field in dataclasses.fields(Config)}
+    problems = ([] if isinstance(splits, dict) and isinstance(splits.get("train"), str)
+                and isinstance(splits.get("validate"), str) else ["its splits are missing"])
+    if not isinstance(settings, dict):
+        problems.append("its training settings are missing")
+        settings = {}
+    problems += [f"unknown setting {name!r}" for name in settings if name not in fields]
+    problems += [f"missing setting {name!r}" for name in fields if name not in settings]
+    for name, value in settings.items():
+        default = fields.get(name, value)
+        numeric = isinstance(default, float) or default is None
+        kinds = (int, float, type(None)) if numeric else (type(default),)
+        if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
+            problems.append(f"{name} = {value!r} is not a {type(default).__name__}")
+    if problems:
+        sys.exit(f"error: {path} was written by another version of train.py or edited by hand "
+                 f"({'; '.join(problems)}). Restore it, or start a new run in another --out.")
+    return saved

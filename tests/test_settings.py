@@ -1,0 +1,80 @@
+"""settings.py: impossible settings, contradicting flags and unusable saved runs are refused
+before any work, each with a message that names the flag or file."""
+
+import json
+
+import pytest
+
+import train
+from settings import parse_args
+from test_train import copy_run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "30"], "--downsample must be 2, 4, 8 or 16 and divide --image-size"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--width", "4"], "--width must be at least 8"),
+    (["--ema-decay", "1.5"], "--ema-decay must be between 0 and 1"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
+    (["--beta", "-1"], "--beta must be a number >= 0"),
+    (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    (["--out", __file__], "is, or is inside, a file, not a folder"),
+])
+def test_impossible_settings_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_resume_names_every_flag_that_contradicts_the_saved_run(trained_run, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "--out", str(trained_run), "--codebook-size", "32",
+                          "--code-dim", "8", "--image-size", "64", "--downsample", "8"])
+    message = capsys.readouterr().err
+    for mismatch in ("--codebook-size 32 (the run has 16)", "--code-dim 8 (the run has 4)",
+                     "--image-size 64 (the run has 32)", "--downsample 8 (the run has 4)"):
+        assert mismatch in message
+    assert "Only --epochs, --time-limit, --out, --prior-epochs" in message
+    config, _ = parse_args(["--resume", "--out", str(trained_run), "--codebook-size",
+                                  "16", "--epochs", "3"])  # agreeing with the run is fine
+    assert config.codebook_size == 16 and config.epochs == 3
+
+
+def test_resume_without_a_saved_run_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="--resume needs .*config.json"):
+        train.main(["--resume", "--out", str(tmp_path)])
+
+
+def test_resume_takes_saved_settings_and_any_given_epochs_or_time_limit(trained_run):
+    config, resume = parse_args(["--resume", "--out", str(trained_run), "--epochs", "20",
+                                       "--time-limit", "0"])
+    assert resume and config.image_size == 32 and config.codebook_size == 16
+    assert config.epochs == 20 and config.time_limit == 0  # defaults, still taken when given
+    assert config.out == str(trained_run)
+
+
+def test_an_out_folder_inside_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "file" / "run")])
+    assert "is, or is inside, a file" in capsys.readouterr().err
+
+
+# --- bad data and bad run files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["train"].pop("codebook_size"), "missing setting 'codebook_size'"),
+    (lambda c: c["train"].update(colour="blue"), "unknown setting 'colour'"),
+    (lambda c: c["train"].update(epochs="many"), "epochs = 'many' is not a int"),
+    (lambda c: c.pop("splits"), "its splits are missing"),
+])
+def test_a_config_json_from_another_version_or_edited_is_refused(trained_run, tmp_path, edit,
+                                                                 message, capsys):
+    out = copy_run(trained_run, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=f"config.json was written by another version .*"
+                                         f"{message}"):
+        train.main(["--resume", "--epochs", "3", "--out", str(out)])
