@@ -203,7 +203,9 @@ def build_demo_dataset(root, seed=0, image_size=256, counts=None):
         folder = root / f"keras_png_slices_{split}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            axial = np.rot90(volume[:, :, rng.choice(levels[split])])  # anterior at the top
+            # RAS volume -> anterior at the top, the subject's left on the image's right (as
+            # radiologists view it, and as `python dataset.py prepare` writes OASIS-1)
+            axial = np.fliplr(np.rot90(volume[:, :, rng.choice(levels[split])]))
             slice_ = _augment(axial, rng, ndimage)
             Image.fromarray(_fit_to_canvas(slice_, image_size)).save(folder / f"demo_{i:04d}.png")
     return root

@@ -109,36 +109,35 @@ def prepare(paths, out, metadata=None, slices=32, slice_spacing=2, image_size=25
         places = subject_places(table, seed, stratify_cdr, metadata)
     sources = [find_source(path) for path in paths]  # all checked before anything is written
     out = Path(out)
-    rows = open_output(out, settings)
+    open_output(out, settings)
+    rows = read_manifest_and_clean(out)
     done = {row["session"] for row in rows}
-    case = max((int(row["case"]) for row in rows), default=0) + 1
     summary = {"converted": [], "already_done": [], "skipped": {}}
-    folders = [s for s in sources if isinstance(s, list)]  # a tarball's count is unknown
-    progress = keras.utils.Progbar(sum(map(len, folders)) if len(folders) == len(sources)
-                                   else None, unit_name="session")
-    for session, pieces, problem in session_pieces(sources, keep_skull, done):
+    known = all(isinstance(s, list) for s in sources)  # a tarball's count is not
+    progress = keras.utils.Progbar(sum(map(len, sources)) if known else None, unit_name="session")
+    for session, pieces in session_pieces(sources, keep_skull, done):
         subject = session.rsplit("_MR", 1)[0]  # OAS1_0001_MR2 -> OAS1_0001
         try:
-            if session in done:
+            if session in done:  # by an earlier run, or given twice
                 summary["already_done"].append(session)
                 continue
             if places is not None and subject not in places:
                 raise SkipSession(f"not in --metadata {metadata}")
-            if problem:
+            if problem := missing(pieces, keep_skull):
                 raise SkipSession(problem)
-            place = places[subject] if places is not None else subject_hash(seed, subject)
             images = convert_session(pieces, slices, slice_spacing, image_size)
         except SkipSession as why:
             summary["skipped"][session] = str(why)
             continue
         finally:
             progress.add(1)  # every session found: converted, skipped or done before
+        place = places[subject] if places is not None else subject_hash(seed, subject)
+        case = 1 + max((int(row["case"]) for row in rows), default=0)  # a cut-short one's reused
         new_rows = write_session(out, split_of(place, split), case, images, subject, session)
-        rows += [{**row, **table.get(session, {})} for row in new_rows]
+        rows += [{**table.get(session, {}), **row} for row in new_rows]  # ours win a name clash
         write_manifest(out, rows, columns)  # only now does the session count as done
         done.add(session)
         summary["converted"].append(session)
-        case += 1
     summary["slices"] = {s: sum(row["split"] == s for row in rows) for s in SPLITS}
     print_summary(out, summary, rows)
     return summary
@@ -194,36 +193,36 @@ def needed_file(name, keep_skull):
 
 
 def missing(pieces, keep_skull):
-    """'' when a session has its files, else e.g. 'no FSL_SEG/*_t88_masked_gfc_fseg.img'."""
-    where = {"image": "PROCESSED/MPRAGE/T88_111/*_t88" + ("_gfc" if keep_skull else
-             "_masked_gfc"), "seg": "FSL_SEG/*_t88_masked_gfc_fseg"}
-    absent = [f"{where[role]}.{'/.'.join(exts)}" for role in where  # e.g. *_fseg.img/.hdr
-              if (exts := [e for r, e in NEEDED if r == role and (r, e) not in pieces])]
-    return f"no {' or '.join(absent)}" if absent else ""
+    """'' when a session has its four files, else what it lacks, e.g. 'no FSL_SEG/*_fseg.img'."""
+    where = {"image": f"PROCESSED/MPRAGE/T88_111/*_t88{'' if keep_skull else '_masked'}_gfc",
+             "seg": "FSL_SEG/*_t88_masked_gfc_fseg"}
+    absent = [f"{where[role]}.{ext}" for role, ext in NEEDED if (role, ext) not in pieces]
+    return "no " + ", ".join(absent) if absent else ""
 
 
 def session_pieces(sources, keep_skull, done):
-    """Yields (session, {(role, ext): (file name, bytes)}, problem or '') per session found;
-    a session in `done` comes unread, with None."""
+    """Yields (session, {(role, ext): (file name, bytes)}) per session found, whether or not
+    it has all its files (see missing); a session in `done` comes unread, with None."""
     for source in sources:
         if isinstance(source, Path):
             yield from tarball_pieces(source, keep_skull, done)
             continue
         for folder in source:
             if folder.name in done:
-                yield folder.name, None, ""
+                yield folder.name, None
                 continue
             pieces = {}
             for file in [*folder.glob("PROCESSED/MPRAGE/T88_111/*"), *folder.glob("FSL_SEG/*")]:
                 found = needed_file(file.name, keep_skull)
                 if found and found[0] == folder.name:
                     pieces[found[1]] = (str(file), file.read_bytes())
-            yield folder.name, pieces, missing(pieces, keep_skull)
+            yield folder.name, pieces
 
 
 def tarball_pieces(path, keep_skull, done):
     """session_pieces of one disc tarball, streamed: a session is yielded as soon as its four
-    files are read (a session's members are contiguous in the release, so little is held)."""
+    files are read (a session's members are contiguous in the release, so little is held); one
+    that lacks some, at the end (only then is it known)."""
     pending = {}  # session -> pieces until yielded, then None; in the order first seen
     try:
         with tarfile.open(path, "r|gz") as tar:
@@ -233,7 +232,7 @@ def tarball_pieces(path, keep_skull, done):
                 if session and session not in pending:
                     pending[session] = None if session in done else {}
                     if session in done:
-                        yield session, None, ""
+                        yield session, None
                 found = needed_file(parts[-1], keep_skull) if member.isfile() else None
                 if not found or found[0] != session or pending[session] is None:
                     continue
@@ -241,7 +240,7 @@ def tarball_pieces(path, keep_skull, done):
                 pieces[found[1]] = (f"{path}:{member.name}", tar.extractfile(member).read())
                 if not missing(pieces, keep_skull):
                     pending[session] = None  # frees its bytes once converted
-                    yield session, pieces, ""
+                    yield session, pieces
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
         raise DataError(f"{path} is truncated or damaged ({error}): download it again. The "
                         f"sessions converted so far are kept; the same command resumes.") from None
@@ -249,7 +248,7 @@ def tarball_pieces(path, keep_skull, done):
         raise DataError(f"--oasis1 {path} holds no OASIS-1 session folders. {OASIS1_HELP}")
     for session, pieces in pending.items():
         if pieces is not None:  # some of its files never came
-            yield session, pieces, missing(pieces, keep_skull)
+            yield session, pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +263,7 @@ def read_volume(pieces, role):
         volume, voxel_mm = canonical_volume(nib.AnalyzeImage.from_file_map(holders))
     except Exception as error:  # nibabel raises many kinds for damaged or truncated files
         raise SkipSession(f"{name} is unreadable or truncated "
-                          f"({' '.join(str(error).split())})") from None
+                          f"({' '.join(str(error).split())}): download its disc again") from None
     if volume.ndim != 3:
         raise SkipSession(f"{name} is not a 3D volume (shape {volume.shape})")
     return volume, voxel_mm
@@ -393,7 +392,7 @@ def read_metadata(path):
 # Output
 
 def open_output(out, settings):
-    """Checks or creates `out` and deletes files of a cut-short session; -> manifest rows."""
+    """Checks `out` was made by us with `settings`, or creates it with them."""
     marker = out / MARKER
     if marker.is_file():
         try:
@@ -405,7 +404,8 @@ def open_output(out, settings):
         if changed:
             raise DataError(f"{out} was made with other settings ({'; '.join(changed)}): run "
                             f"with the same ones to continue it, or give a new --out folder.")
-    elif out.is_file() or out.is_dir() and any(out.iterdir()):
+    elif out.is_file() or out.is_dir() and any(  # our marker's temp name: killed writing it
+            p.name != f".{MARKER}.partial" for p in out.iterdir()):
         raise DataError(f"--out {out} already holds files that `python dataset.py prepare` did "
                         f"not write (it has no {MARKER}), e.g. the course zip: give an empty or "
                         f"new --out folder.")
@@ -413,6 +413,10 @@ def open_output(out, settings):
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(marker, lambda f: json.dump(
             {"written_by": "python dataset.py prepare", "settings": settings}, f, indent=1))
+
+
+def read_manifest_and_clean(out):
+    """The manifest's rows; deletes our files it does not list: a cut-short session's."""
     rows = []
     if (out / MANIFEST).is_file():
         with open(out / MANIFEST, newline="") as file:
@@ -460,7 +464,7 @@ def write_manifest(out, rows, columns):
 def print_summary(out, summary, rows):
     subjects = {s: len({r["subject"] for r in rows if r["split"] == s}) for s in SPLITS}
     print(f"\nconverted {len(summary['converted'])} sessions into {out} "
-          f"({len(summary['already_done'])} were there already); slices there now: "
+          f"({len(summary['already_done'])} already done); slices there now: "
           + ", ".join(f"{s} {summary['slices'][s]} ({subjects[s]} subjects)" for s in SPLITS))
     empty = [s for s in SPLITS if not summary["slices"][s]]
     if empty:

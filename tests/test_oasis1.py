@@ -46,8 +46,10 @@ def save_analyze(path, data):
     nib.AnalyzeImage(data, None).to_filename(f"{path}.img")  # writes .img and .hdr
 
 
-def make_session(disc, session, with_seg=True):
-    brain, head, labels = synthetic_head(seed=int(session[5:9]) * 10 + int(session[-1]))
+def make_session(disc, session, with_seg=True, time_axis=False):
+    """A session folder as in the release; time_axis stores x, y, z, 1 volumes."""
+    volumes = synthetic_head(seed=int(session[5:9]) * 10 + int(session[-1]))
+    brain, head, labels = (v[..., None] if time_axis else v for v in volumes)
     base = f"{session}_mpr_n4_anon_111_t88"
     t88 = disc / session / "PROCESSED" / "MPRAGE" / "T88_111"
     t88.mkdir(parents=True)
@@ -63,14 +65,14 @@ def make_session(disc, session, with_seg=True):
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """disc1/ with six sessions (two of OAS1_0001; OAS1_0004 lacks its segmentation),
-    disc2.tar.gz holding disc2/OAS1_0003_MR1, and oasis_cross-sectional.csv."""
+    """disc1/ with five sessions (two of OAS1_0001), disc2.tar.gz holding disc2/OAS1_0003_MR1
+    (4D volumes) and OAS1_0004_MR1 (no segmentation), and oasis_cross-sectional.csv."""
     root = tmp_path_factory.mktemp("release")
     for session in ("OAS1_0001_MR1", "OAS1_0001_MR2", "OAS1_0002_MR1", "OAS1_0005_MR1",
                     "OAS1_0006_MR1"):
         make_session(root / "disc1", session)
-    make_session(root / "disc1", "OAS1_0004_MR1", with_seg=False)
-    make_session(root / "staging" / "disc2", "OAS1_0003_MR1")
+    make_session(root / "staging" / "disc2", "OAS1_0003_MR1", time_axis=True)
+    make_session(root / "staging" / "disc2", "OAS1_0004_MR1", with_seg=False)
     with tarfile.open(root / "disc2.tar.gz", "w:gz") as tar:
         tar.add(root / "staging" / "disc2", arcname="disc2")
     rows = [["ID", *METADATA_COLUMNS]]
@@ -282,6 +284,22 @@ def test_paths_that_are_not_oasis1_are_named(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
 
 
+def test_a_tarball_is_streamed_and_only_the_needed_files_are_read(release, tmp_path,
+                                                                  monkeypatch):
+    modes, read = [], []
+    real_open, real_extract = tarfile.open, tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile, "open", lambda path, mode, **kw: modes.append(mode) or
+                        real_open(path, mode, **kw))
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, member: read.append(
+        member.name.split("/")[-1]) or real_extract(self, member))
+    summary = oasis1.prepare([release / "disc2.tar.gz"], tmp_path / "out", **SETTINGS)
+    assert modes == ["r|gz"] and summary["converted"] == ["OAS1_0003_MR1"]
+    assert sorted(read) == sorted(
+        [f"OAS1_0003_MR1_mpr_n4_anon_111_t88_masked_gfc{seg}.{ext}" for seg in ("", "_fseg")
+         for ext in ("hdr", "img")] + [f"OAS1_0004_MR1_mpr_n4_anon_111_t88_masked_gfc.{ext}"
+                                       for ext in ("hdr", "img")])
+
+
 def test_a_truncated_tarball_is_named(release, tmp_path):
     data = (release / "disc2.tar.gz").read_bytes()
     (tmp_path / "disc2.tar.gz").write_bytes(data[:len(data) // 2])
@@ -306,6 +324,14 @@ def test_an_output_folder_holding_another_data_set_is_refused(release, tmp_path)
     message = fail(["--oasis1", release / "disc1", "--out", tmp_path / "course"])
     assert "did not write (it has no oasis1_prepare.json)" in message
     assert "give an empty or new --out folder" in message
+
+
+def test_a_run_killed_while_writing_its_settings_file_resumes(release, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".oasis1_prepare.json.partial").write_text('{"writ')
+    summary = oasis1.prepare([release / "disc1" / "OAS1_0002_MR1"], tmp_path / "out", slices=1,
+                             image_size=32)
+    assert summary["converted"] == ["OAS1_0002_MR1"]
 
 
 def test_resuming_with_other_settings_is_refused_naming_them(prepared, release):
