@@ -26,7 +26,7 @@ from PIL import Image
 
 SPLITS = ("train", "validate", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DECODABLE = ("PNG", "JPEG", "BMP", "GIF")  # what tf.io.decode_image reads
+DECODABLE = ("PNG", "JPEG")  # what tf.io.decode_image reads as one channel (not GIF, BMP)
 OASIS_HELP = ("Expected the OASIS layout: a folder holding keras_png_slices_train/, "
               "keras_png_slices_validate/ and keras_png_slices_test/, as unpacked from "
               "keras_png_slices_data.zip (the preprocessed OASIS-1 slices, "
@@ -87,9 +87,25 @@ def list_images(folder, skipped=None):
             raise DataError(f"{path} {problem}. Remove or replace it, or pass --skip-bad-files "
                             f"to train without it.")
     if not good:
-        raise DataError(f"{folder} holds no {'readable ' if paths else ''}.png/.jpg/.jpeg "
-                        f"images: check the path, or that the download was fully unpacked.")
+        bad = f" (all {len(paths)} are bad: {'; '.join(skipped[-3:])})" if paths else ""
+        raise DataError(f"{folder} holds no readable .png/.jpg/.jpeg images{bad}: check the "
+                        f"path, or that the download was fully unpacked.")
     return good
+
+
+def list_images_skipping(folder, skip_bad, skipped=None):
+    """list_images; with skip_bad, bad files are left out, announced (how many, and the first
+    few) and appended to `skipped`, a list, if given."""
+    if not skip_bad:
+        return list_images(folder)
+    left_out = []
+    paths = list_images(folder, left_out)
+    if left_out:
+        print(f"--skip-bad-files: left out {len(left_out)} bad file(s) in {folder}: "
+              + "; ".join(left_out[:3]) + (" ..." if len(left_out) > 3 else ""), flush=True)
+    if skipped is not None:
+        skipped.extend(left_out)
+    return paths
 
 
 def image_problem(path):
@@ -109,8 +125,8 @@ def image_problem(path):
     except Exception as error:
         return f"is not a readable image ({error})"
     if kind not in DECODABLE or mode == "CMYK":
-        return (f"is a {kind} image in {mode} mode, which TensorFlow cannot decode (convert it "
-                f"to a grayscale or RGB PNG)")
+        return (f"is a {kind} image in {mode} mode, which the pipeline cannot decode (convert "
+                f"it to a grayscale or RGB PNG)")
     return None
 
 

@@ -49,14 +49,26 @@ def crash_point(name):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def flush_to_disk(path):
+    """fsync a file (or a folder, after a rename in it), so that a crash of the whole machine,
+    not only of this process, finds complete files."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def save_atomically(write, path):
     """write(tmp_path) then rename over `path`, so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name("tmp-" + path.name)
     try:
         write(str(tmp))
+        flush_to_disk(tmp)
         crash_point("save " + path.name)
         os.replace(tmp, path)
+        flush_to_disk(path.parent)
     finally:
         tmp.unlink(missing_ok=True)  # only left if writing failed
 
@@ -67,29 +79,38 @@ def save_together(writers, folder):
     writers: {file name: write(path)}, called in order, each into tmp-<name>. Once all are
     complete, COMMIT (the list of names) is written atomically: from then on the new files are
     the truth, and `finish_saves` renames them into place, now or when a killed run restarts.
-    A kill before COMMIT exists leaves the old files; the temporaries are deleted on restart.
+    A kill before COMMIT exists leaves the old files; `remove_leftovers` deletes the
+    temporaries when the run restarts.
     """
     folder = Path(folder)
     for name, write in writers.items():
         write(str(folder / f"tmp-{name}"))
-        crash_point("save " + name)
+        flush_to_disk(folder / f"tmp-{name}")
+        crash_point("write " + name)
     write_json(list(writers), folder / COMMIT)
     finish_saves(folder)
 
 
 def finish_saves(folder):
-    """Completes a save_together that a kill interrupted after its commit, then deletes every
-    tmp-* file under `folder` (left by writes that were killed before they were complete)."""
+    """Renames the files of a committed save_together into place (also one that a kill
+    interrupted half-way through its renames: renaming again is harmless)."""
     folder = Path(folder)
     if (folder / COMMIT).exists():
         for name in json.loads((folder / COMMIT).read_text()):
             if (folder / f"tmp-{name}").exists():
                 os.replace(folder / f"tmp-{name}", folder / name)
                 crash_point("commit")
+        flush_to_disk(folder)
         (folder / COMMIT).unlink()
-    for leftover in folder.glob("**/tmp-*"):
-        if leftover.is_file():
-            leftover.unlink()
+
+
+def remove_leftovers(folder):
+    """At the start of a run: finish a committed save, then delete the tmp-* files of writes
+    that a kill cut short (in the run folder and its frames/), so none is ever loaded."""
+    folder = Path(folder)
+    finish_saves(folder)
+    for leftover in [*folder.glob("tmp-*"), *folder.glob("frames/tmp-*")]:
+        leftover.unlink()
 
 
 def json_text(data):
@@ -103,9 +124,10 @@ def write_json(data, path):
 
 
 def trim_log(csv_path, epochs_done):
-    """Keep only the CSV rows of committed epochs (a killed run may have logged one more)."""
+    """Keep only the CSV rows of committed epochs (a killed run may have logged one more, or
+    part of one)."""
     if not Path(csv_path).exists():
-        return
+        return False
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
     kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit()
@@ -115,6 +137,7 @@ def trim_log(csv_path, epochs_done):
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(kept)
         save_atomically(write, csv_path)
+    return kept != rows
 
 
 def read_json(path):
@@ -148,8 +171,7 @@ def load_checkpoint(path, kind=keras.Model):
             if isinstance(model, kind):
                 return model
             problem = f"holds a {type(model).__name__} model, not a {kind.__name__}"
-    sys.exit(f"error: {path} {problem}. Restore it from a backup, or train again (python "
-             f"train.py --resume continues from the files that are intact).")
+    sys.exit(f"error: {path} {problem}. Restore it from a backup, or train again.")
 
 
 def file_sha256(path):
@@ -204,16 +226,23 @@ class Checkpoints(keras.callbacks.Callback):
         writers = {last: self.model.save}
         best_value = self.state.get("best_" + self.monitor)
         if best_value is None or self.sign * (logs[self.monitor] - best_value) > 0:
-            # the model just written to tmp-last is the new best: copy it, do not save twice
-            writers[best] = lambda path: shutil.copyfile(self.out / f"tmp-{last}", path)
+            writers[best] = self._copy_best
             self.state.update({"best_" + k: float(v) for k, v in logs.items()
                                if k.startswith("val_")}, best_epoch=epoch + 1)
         self.state.update(epochs_done=epoch + 1, elapsed_minutes=logs["elapsed_minutes"],
+                          epoch_seconds=logs["epoch_seconds"],
                           optimizer_steps=int(self.model.optimizer.iterations))
-        text = json_text(self.state)
-        writers[f"{self.prefix}state.json"] = lambda path: Path(path).write_text(text)
+        writers[f"{self.prefix}state.json"] = lambda path: Path(path).write_text(
+            json_text(self.state))  # last: it records best_sha256
         save_together(writers, self.out)
         crash_point(self.prefix + "epoch saved")
+
+
+    def _copy_best(self, path):
+        """The model just written to tmp-last is the new best: copy it (do not save twice)
+        and record its SHA-256, which tells a prior whether its VQ-VAE has changed."""
+        shutil.copyfile(self.out / f"tmp-{self.prefix}last.keras", path)
+        self.state["best_sha256"] = file_sha256(path)
 
 
 class Interrupted(Exception):
@@ -232,8 +261,9 @@ def catching_stop_signals():
         if _stop_signals:
             raise KeyboardInterrupt
         _stop_signals.append(signal.Signals(signum).name)
-        print(f"\n{_stop_signals[0]} received: stopping at the next batch and dropping the "
-              f"epoch in progress (send it again to stop at once).", flush=True)
+        # os.write, not print: a handler may run in the middle of another print
+        os.write(2, f"\n{_stop_signals[0]} received: stopping at the next batch and dropping "
+                    f"the epoch in progress (send it again to stop at once).\n".encode())
 
     _stop_signals.clear()
     previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -242,6 +272,11 @@ def catching_stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_signal_received():
+    """The name of the first SIGINT or SIGTERM caught, or None."""
+    return _stop_signals[0] if _stop_signals else None
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -264,18 +299,36 @@ class StopOnSignal(keras.callbacks.Callback):
     on_epoch_end = _check
 
 
+def rewind_vqvae_outputs(out, epochs_done):
+    """Make the VQ-VAE's log, frames, GIF and plots show exactly its `epochs_done` committed
+    epochs (a killed run may have recorded part of one more)."""
+    out = Path(out)
+    trimmed = trim_log(out / "training_log.csv", epochs_done)
+    extra = [frame for frame in (out / "frames").glob("epoch_*.png")
+             if int(frame.stem.split("_")[1]) > epochs_done]
+    for frame in extra:
+        frame.unlink()
+    if extra or trimmed:
+        build_gif(out)
+        Plots(out / "training_log.csv", out, draw_vqvae_curves).redraw()
+
+
+def build_gif(out):
+    """progress.gif from every frame in frames/, in epoch order."""
+    frames = [imageio.imread(p) for p in sorted((Path(out) / "frames").glob("epoch_*.png"))]
+    if frames:
+        save_atomically(lambda tmp: imageio.mimsave(tmp, frames, format="GIF", duration=500,
+                                                    loop=0), Path(out) / "progress.gif")
+
+
 class ProgressGif(keras.callbacks.Callback):
     """Each epoch: reconstruct fixed validation images into frames/epoch_NNN.png, rebuild
-    progress.gif from every frame so far (so a resumed run keeps its history). Frames after
-    `epochs_done` (of an epoch that a killed run did not commit) are deleted at the start."""
+    progress.gif from every frame so far (so a resumed run keeps its history)."""
 
-    def __init__(self, images, out, tile=128, epochs_done=0):
+    def __init__(self, images, out, tile=128):
         super().__init__()
         self.images, self.frames, self.out, self.tile = images, Path(out) / "frames", out, tile
         self.frames.mkdir(parents=True, exist_ok=True)
-        for frame in self.frames.glob("epoch_*.png"):
-            if int(frame.stem.split("_")[1]) > epochs_done:
-                frame.unlink()
 
     def on_epoch_end(self, epoch, logs=None):
         reconstructions = self.model.predict(self.images, verbose=0)
@@ -289,9 +342,7 @@ class ProgressGif(keras.callbacks.Callback):
                                     f"reconstruction   val SSIM {logs['val_ssim']:.4f}", fill=255)
         save_atomically(lambda tmp: canvas.save(tmp, format="PNG"),
                         self.frames / f"epoch_{epoch + 1:03d}.png")
-        frames = [imageio.imread(p) for p in sorted(self.frames.glob("epoch_*.png"))]
-        save_atomically(lambda tmp: imageio.mimsave(tmp, frames, format="GIF", duration=500,
-                                                    loop=0), Path(self.out) / "progress.gif")
+        build_gif(self.out)
 
 
 class Plots(keras.callbacks.Callback):
@@ -303,9 +354,14 @@ class Plots(keras.callbacks.Callback):
         self.csv_path, self.out, self.draw = csv_path, Path(out), draw
 
     def on_epoch_end(self, epoch, logs=None):
+        self.redraw()
+
+    def redraw(self):
         with open(self.csv_path) as f:
             rows = list(csv.DictReader(f))
-        self.draw({key: np.array([float(r[key]) for r in rows]) for key in rows[0]}, self._save)
+        if rows:
+            self.draw({key: np.array([float(r[key]) for r in rows]) for key in rows[0]},
+                      self._save)
 
     def _save(self, fig, name):
         fig.tight_layout()

@@ -55,6 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (below 1: safer, less varied slices)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    parser.add_argument("--skip-bad-files", action="store_true",
+                        help="leave out unreadable images (listed) instead of stopping; "
+                             "on by default for a run trained with --skip-bad-files")
     parser.add_argument("--no-metrics", action="store_true",
                         help="with --generate: only sample, skip the metrics")
     args = parser.parse_args(argv)
@@ -111,6 +114,11 @@ def test_folder(args, config):
     if config["splits"].get("test"):
         return config["splits"]["test"]
     sys.exit("error: the training run had no test split: pass --test-dir FOLDER or --data ROOT.")
+
+
+def skip_bad(args, config):
+    """Leave bad files out with --skip-bad-files, or when the run was trained with it."""
+    return args.skip_bad_files or config["train"]["skip_bad_files"]
 
 
 def reconstruct_all(model, batches, image_size):
@@ -209,7 +217,7 @@ def main(argv=None):
 def evaluate(args, model, config):
     """Reconstruct the test split; print and save the report and the figures."""
     folder = test_folder(args, config)
-    paths = dataset.list_images(folder)
+    paths = dataset.list_images_skipping(folder, skip_bad(args, config))
     image_size = config["train"]["image_size"]
     batches = dataset.load_split(paths, image_size, args.batch_size)
     with dataset.naming_bad_files(paths):
@@ -247,7 +255,9 @@ def generate(args, prior, vqvae, config):
     paths = None  # listed (and checked) before minutes of sampling, not after
     if not args.no_metrics:
         folder = test_folder(args, config)
-        paths = dataset.list_images(folder), dataset.list_images(config["splits"]["train"])
+        paths = (dataset.list_images_skipping(folder, skip_bad(args, config)),
+                 dataset.list_images_skipping(config["splits"]["train"],
+                                              skip_bad(args, config)))
         if len(paths[0]) < 4:
             sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "
                      f"{len(paths[0])}: pass another --test-dir, or --no-metrics.")

@@ -83,13 +83,17 @@ HELP = {
     "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
+CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16"], "codebook": ["ema", "loss"]}
+# settings that runs saved before they existed lack; such a run reads them at these values
+ADDED_LATER = {"skip_bad_files": False}
 RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit", "skip_bad_files")
 PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + ("out",
                                                                                "skip_bad_files")
 
 
 def parse_args(argv=None):
-    """(Config, mode) from the command line; mode says resume, prior_only and more_epochs.
+    """(Config, mode) from the command line; mode says resume, prior_only and which flags
+    were given.
     Flags default to None here so that the ones actually given can be told apart (a resumed
     or --prior-only run takes the rest from its config.json)."""
     parser = argparse.ArgumentParser(
@@ -100,8 +104,7 @@ def parse_args(argv=None):
         if field.type is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_)
             continue
-        choices = {"precision": ["auto", "float32", "mixed_bfloat16"],
-                   "codebook": ["ema", "loss"]}.get(field.name)
+        choices = CHOICES.get(field.name)
         kind = float if field.name.endswith("time_limit") else type(field.default)
         parser.add_argument(flag, type=kind, choices=choices,
                             help=f"{help_} (default: {field.default!r})")
@@ -139,9 +142,7 @@ def parse_args(argv=None):
         if "prior_epochs" in given:
             parser.error("--prior-only needs --prior-epochs of at least 1")
         config.prior_epochs = Config.prior_epochs  # the run was saved with its prior off
-    # --epochs or --time-limit with --resume ask the VQ-VAE for more, even if it had finished
     mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
-                              more_epochs=bool({"epochs", "time_limit"} & set(given)),
                               given=frozenset(given))
     return config, mode
 
@@ -208,6 +209,7 @@ def read_run_config(path):
     if not isinstance(settings, dict):
         problems.append("its training settings are missing")
         settings = {}
+    settings.update({name: value for name, value in ADDED_LATER.items() if name not in settings})
     problems += [f"unknown setting {name!r}" for name in settings if name not in fields]
     problems += [f"missing setting {name!r}" for name in fields if name not in settings]
     for name, value in settings.items():
@@ -215,7 +217,10 @@ def read_run_config(path):
         numeric = isinstance(default, float) or default is None
         kinds = (int, float, type(None)) if numeric else (type(default),)
         if not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool):
-            problems.append(f"{name} = {value!r} is not a {type(default).__name__}")
+            problems.append(f"{name} = {value!r} is not of the saved kind "
+                            f"({type(default).__name__})")
+        elif name in CHOICES and value not in CHOICES[name]:
+            problems.append(f"{name} = {value!r} is not one of {', '.join(CHOICES[name])}")
     if problems:
         sys.exit(f"error: {path} was written by another version of train.py or edited by hand "
                  f"({'; '.join(problems)}). Restore it, or start a new run in another --out.")

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -34,7 +35,8 @@ import metrics  # noqa: E402
 import modules  # noqa: E402
 from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,  # noqa: E402
                      WallClock, catching_stop_signals, crash_point, draw_vqvae_curves,
-                     file_sha256, load_checkpoint, prior_curve_drawer, read_json, trim_log,
+                     file_sha256, load_checkpoint, prior_curve_drawer, read_json,
+                     remove_leftovers, rewind_vqvae_outputs, stop_signal_received, trim_log,
                      write_json)
 from settings import parse_args, read_run_config  # noqa: E402
 
@@ -85,20 +87,6 @@ def demo_root(seed):
         staging.replace(DEMO_ROOT)
         print(f"built the demo set in {DEMO_ROOT} ({time.time() - start:.0f} s)", flush=True)
     return DEMO_ROOT
-
-
-def list_split(folder, config, skipped):
-    """dataset.list_images; under --skip-bad-files bad files are left out, added to `skipped`
-    and announced (how many, and the first few)."""
-    if not config.skip_bad_files:
-        return dataset.list_images(folder)
-    before = len(skipped)
-    paths = dataset.list_images(folder, skipped)
-    if len(skipped) > before:
-        left_out = skipped[before:]
-        print(f"--skip-bad-files: left out {len(left_out)} bad file(s) in {folder}: "
-              + "; ".join(left_out[:3]) + (" ..." if len(left_out) > 3 else ""), flush=True)
-    return paths
 
 
 def pixel_variance(paths, folder, config):
@@ -173,10 +161,10 @@ def main(argv=None):
             train(config, mode)
         except dataset.DataError as error:
             sys.exit(f"error: {error}")
-        except Interrupted as signal_name:
-            sys.exit(f"stopped by {signal_name}: {saved_epochs(Path(config.out))}; the epoch in "
-                     f"progress was dropped. Resume with:\n  python train.py --resume --out "
-                     f"{config.out}")
+        except (Interrupted, KeyboardInterrupt):  # one signal, or a second one at once
+            sys.exit(f"stopped by {stop_signal_received() or 'Ctrl-C'}: "
+                     f"{saved_epochs(Path(config.out))}; the epoch in progress was dropped. "
+                     f"Resume with:\n  python train.py --resume --out {shlex.quote(config.out)}")
 
 
 def saved_epochs(out):
@@ -194,44 +182,63 @@ def train(config, mode):
     keras.utils.set_random_seed(config.seed)
     precision = choose_precision(config.precision)
     keras.mixed_precision.set_global_policy(precision)
+    remove_leftovers(out)  # what a killed run was writing: finished if committed, else deleted
     continuing = mode.resume or mode.prior_only
     state = read_json(out / "state.json") if (out / "state.json").exists() else {}
-    if state and not continuing:
+    if not continuing and (state or (out / "last.keras").exists()):
         sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
                  f"give a new --out folder (or delete {out}) to start another.")
+    if not state and (out / "last.keras").exists():
+        sys.exit(f"error: {out} holds last.keras but not its state.json (deleted or lost?): "
+                 f"restore {out / 'state.json'}, or start a new run in another --out.")
+    done = state.get("epochs_done", 0)
+    rewind_vqvae_outputs(out, done)  # drop what a killed run logged of an unsaved epoch
     # a resumed run reads the very folders it was trained on
     splits = (read_run_config(out / "config.json")["splits"] if continuing
               else resolve_splits(config, mode.given))
-    # --resume continues the VQ-VAE if it was cut short or given more epochs, else the prior
-    vqvae_pending = not mode.prior_only and (not state or mode.more_epochs or (
-        not state.get("finished") and state["epochs_done"] < config.epochs))
+    # --resume continues the VQ-VAE if it was cut short or asked for more, else the prior
+    if "epochs" in mode.given and continuing and config.epochs < done:
+        sys.exit(f"error: {out} has done {done} epochs already: pass --epochs larger than that "
+                 f"to train more.")
+    asked_for_more = ("epochs" in mode.given and config.epochs > done
+                      or "time_limit" in mode.given)
+    vqvae_pending = not mode.prior_only and (not state or asked_for_more or (
+        not state.get("finished") and done < config.epochs))
     if mode.prior_only and not state.get("finished"):
         state["finished"] = True  # a prior is built on it: --resume must not train it further
         write_json(state, out / "state.json")
     if not vqvae_pending and not config.prior_epochs:
         sys.exit(f"error: nothing to do: the VQ-VAE in {out} is trained and it has no prior. "
-                 f"Pass --epochs larger than {state['epochs_done']} or --prior-epochs N.")
+                 f"Pass --epochs larger than {done} or --prior-epochs N.")
     if vqvae_pending:
         train_vqvae(config, out, splits, state, precision)
     if config.prior_epochs:
-        train_prior(config, out, splits, resume=mode.resume and not vqvae_pending)
+        more_prior = ("prior_epochs" in mode.given or "prior_time_limit" in mode.given)
+        train_prior(config, out, splits, resume=mode.resume and not vqvae_pending,
+                    asked_for_more=more_prior)
+
+
+def time_is_up(limit_minutes, state):
+    """True if the time limit would be passed by another epoch as long as the last one (the
+    rule WallClock applies after each epoch, applied again when a run is resumed)."""
+    seconds = state.get("elapsed_minutes", 0.0) * 60 + state.get("epoch_seconds", 0.0)
+    return bool(limit_minutes) and bool(state) and seconds > limit_minutes * 60
 
 
 def train_vqvae(config, out, splits, state, precision):
     """Stage one: fit the VQ-VAE; best.keras, last.keras, state.json, logs and plots."""
     resume = bool(state)
-    state.pop("finished", None)  # set again only when this fit ends well
     if resume and config.epochs <= state["epochs_done"]:
         sys.exit(f"error: {out} has done {state['epochs_done']} epochs already: pass --epochs "
                  f"larger than that to train more.")
-    # a prior learned the codes of the old VQ-VAE: forget it, so that a run killed before the
-    # new prior's first epoch resumes into a fresh prior rather than a stale one
-    (out / "prior_state.json").unlink(missing_ok=True)
+    if state.pop("finished", None):  # on disk at once: a kill now must resume this stage
+        write_json(state, out / "state.json")
     skipped = []
-    train_paths, val_paths = (list_split(splits[name], config, skipped)
-                              for name in ("train", "validate"))
+    train_paths, val_paths = (
+        dataset.list_images_skipping(splits[name], config.skip_bad_files, skipped)
+        for name in ("train", "validate"))
     if splits["test"]:
-        list_split(splits["test"], config, skipped)
+        dataset.list_images_skipping(splits["test"], config.skip_bad_files, skipped)
     print(f"data: {len(train_paths)} train slices in {splits['train']}, {len(val_paths)} "
           f"validation slices in {splits['validate']}; test: {splits['test']}")
     # a resumed run gets a new shuffle order, not a replay of the first epochs
@@ -255,7 +262,6 @@ def train_vqvae(config, out, splits, state, precision):
     describe = (lambda logs: f"val SSIM {logs['val_ssim']:.4f}, PSNR {logs['val_psnr']:.2f} dB, "
                 f"perplexity {logs['val_perplexity']:.0f}, codebook usage "
                 f"{logs['val_codebook_usage']:.0%}")
-    trim_log(csv_path, state.get("epochs_done", 0))
     gif_images = dataset.fixed_batch(val_paths, config.image_size, config.progress_images)
     callbacks = [  # in this order: the epoch's log, frame and plots, then its checkpoints
         WallClock(config.epochs, config.time_limit, state.get("elapsed_minutes", 0.0) * 60,
@@ -263,14 +269,18 @@ def train_vqvae(config, out, splits, state, precision):
         keras.callbacks.CSVLogger(str(csv_path), append=resume),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
-        ProgressGif(gif_images, out, epochs_done=state.get("epochs_done", 0)),
+        ProgressGif(gif_images, out),
         Plots(csv_path, out, draw_vqvae_curves),
         Checkpoints(out, state),
         StopOnSignal(),
     ]
     started = time.time()
-    with dataset.naming_bad_files(train_paths + val_paths):
-        fit(model, train_ds, val_ds, config.epochs, state, callbacks, "loss", "--learning-rate")
+    if time_is_up(config.time_limit, state):
+        print(f"the time limit of {config.time_limit:g} min is used up: no more VQ-VAE epochs.")
+    else:
+        with dataset.naming_bad_files(train_paths + val_paths):
+            fit(model, train_ds, val_ds, config.epochs, state, callbacks, "loss",
+                "--learning-rate")
     state["finished"] = True  # all epochs done, or the time limit reached
     write_json(state, out / "state.json")
     summary = {**state, "this_run_minutes": (time.time() - started) / 60, "precision": precision}
@@ -278,41 +288,62 @@ def train_vqvae(config, out, splits, state, precision):
     print("done:", json.dumps(summary))
 
 
-def train_prior(config, out, splits, resume):
+def prior_state_for(out, resume, asked_for_more):
+    """The prior's saved state to continue, or a fresh one: a prior whose VQ-VAE has since been
+    trained further (so its codes changed) is replaced. best.keras must be the file train.py
+    saved last (state.json records its SHA-256)."""
+    vqvae_path, state_path = out / "best.keras", out / "prior_state.json"
+    fingerprint = file_sha256(vqvae_path)
+    if read_json(out / "state.json").get("best_sha256", fingerprint) != fingerprint:
+        sys.exit(f"error: {vqvae_path} changed after the prior in {out} was trained on it, and "
+                 f"not by train.py: restore it, or train a new prior with --prior-only (delete "
+                 f"{state_path} first).")
+    state = read_json(state_path) if resume and state_path.exists() else {}
+    if state and state["vqvae_sha256"] != fingerprint:
+        print("prior: the VQ-VAE was trained further since its prior: training a new prior.")
+        state = {}
+    if state.get("finished") and not asked_for_more:
+        sys.exit(f"error: nothing to do: the prior in {out} is trained ({state['epochs_done']} "
+                 f"epochs). Pass a larger --prior-epochs or --prior-time-limit to train it more.")
+    if state.pop("finished", None):  # on disk at once: a kill now must resume the prior
+        write_json(state, state_path)
+    return state or {"vqvae_sha256": fingerprint}
+
+
+def train_prior(config, out, splits, resume, asked_for_more=False):
     """Stage two: encode the train and validation splits once with best.keras, then fit the
     PixelCNN prior on the code maps; prior_best.keras, prior_last.keras, prior_state.json."""
-    vqvae_path = out / "best.keras"
-    state_path = out / "prior_state.json"
-    fingerprint = file_sha256(vqvae_path)
-    resume = resume and state_path.exists()
-    state = read_json(state_path) if resume else {"vqvae_sha256": fingerprint}
-    if state["vqvae_sha256"] != fingerprint:
-        sys.exit(f"error: {vqvae_path} changed after the prior in {out} was trained on it: "
-                 f"train a new prior with --prior-only (delete {state_path} first).")
+    started = time.time()
+    vqvae = load_checkpoint(out / "best.keras", modules.VQVAE)
+    state = prior_state_for(out, resume, asked_for_more)
+    resume = "epochs_done" in state
     if resume and config.prior_epochs <= state["epochs_done"]:
         sys.exit(f"error: the prior in {out} has done {state['epochs_done']} epochs already: "
                  f"pass --prior-epochs larger than that to train it more.")
-    started = time.time()
-    vqvae = load_checkpoint(vqvae_path, modules.VQVAE)
-    codes = {}
+    grid, K = config.image_size // config.downsample, vqvae.codebook_size
+    prior = (load_checkpoint(out / "prior_last.keras", modules.PixelCNNPrior) if resume
+             else build_prior(config, grid, K))
+    skipped, codes = [], {}
+    saved = read_run_config(out / "config.json")
+    write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
+               out / "config.json")  # before the minutes of encoding: a kill keeps the flags
     for split in ("train", "validate"):
-        paths = list_split(splits[split], config, [])
+        paths = dataset.list_images_skipping(splits[split], config.skip_bad_files,
+                                             skipped)
         with dataset.naming_bad_files(paths):
             codes[split] = vqvae.encode_all(dataset.load_split(paths, config.image_size, 64))
         crash_point("prior encoded " + split)
-    grid, K = codes["train"].shape[1], vqvae.codebook_size
+    if skipped:
+        saved["skipped_files"] = sorted(set(saved.get("skipped_files", []) + skipped))
+        write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
+                   out / "config.json")
     print(f"prior: encoded {len(codes['train'])} train and {len(codes['validate'])} validation "
-          f"slices into {grid}x{grid} code maps with {vqvae_path} "
+          f"slices into {grid}x{grid} code maps with {out / 'best.keras'} "
           f"({time.time() - started:.0f} s)", flush=True)
     baselines = {"uniform": math.log2(K),
                  "unigram": metrics.unigram_bits(codes["train"], codes["validate"], K),
                  "per-position unigram": metrics.position_unigram_bits(
                      codes["train"], codes["validate"], K)}
-    prior = (load_checkpoint(out / "prior_last.keras", modules.PixelCNNPrior) if resume
-             else build_prior(config, grid, K))
-    saved = read_json(out / "config.json")
-    write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
-               out / "config.json")
     print(f"prior: {prior.count_params():,} parameters; validation baselines in bits per code: "
           + ", ".join(f"{name} {bits:.3f}" for name, bits in baselines.items()), flush=True)
 
@@ -334,8 +365,13 @@ def train_prior(config, out, splits, resume):
         Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False),
         StopOnSignal(),
     ]
-    fit(prior, train_ds, val_ds, config.prior_epochs, state, callbacks, "bits_per_code",
-        "--prior-learning-rate")
+    if time_is_up(config.prior_time_limit, state):
+        print(f"the prior's time limit of {config.prior_time_limit:g} min is used up.")
+    else:
+        fit(prior, train_ds, val_ds, config.prior_epochs, state, callbacks, "bits_per_code",
+            "--prior-learning-rate")
+    state["finished"] = True  # all epochs done, or the time limit reached
+    write_json(state, out / "prior_state.json")
     summary = {**state, "baselines_bits_per_code": baselines,
                "this_run_minutes": (time.time() - started) / 60}
     write_json(summary, out / "prior_summary.json")

@@ -94,7 +94,7 @@ def test_bad_oasis_roots_name_the_path_and_the_expected_layout(tmp_path, make_pr
 def test_empty_split_is_reported(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(dataset.DataError, match="empty.*no .png/.jpg/.jpeg images"):
+    with pytest.raises(dataset.DataError, match="empty.*no readable .png/.jpg/.jpeg images"):
         dataset.list_images(tmp_path / "empty")
 
 
@@ -191,7 +191,8 @@ def cmyk_jpeg(path):
     (lambda path: path.write_bytes(b""), "is empty"),
     (text_file, "is not a readable image"),
     (broken_link, "is a broken link"),
-    (cmyk_jpeg, "TensorFlow cannot decode"),
+    (cmyk_jpeg, "the pipeline cannot decode"),
+    (lambda path: brain_like().save(path, format="GIF"), "is a GIF image"),
 ])
 def test_each_bad_file_is_named_with_what_to_do_or_skipped_and_listed(tmp_path, make, problem):
     folder = write_slices(tmp_path / "split", 2)
@@ -205,6 +206,10 @@ def test_each_bad_file_is_named_with_what_to_do_or_skipped_and_listed(tmp_path, 
     assert dataset.list_images(folder, skipped) == [str(folder / "slice_000.png"),
                                                     str(folder / "slice_001.png")]
     assert len(skipped) == 1 and skipped[0].startswith(str(bad)) and problem in skipped[0]
+    for good in folder.glob("slice_*.png"):
+        good.unlink()
+    with pytest.raises(dataset.DataError, match="holds no readable .*all 1 are bad: .*" + problem):
+        dataset.list_images(folder, [])
 
 
 @pytest.mark.parametrize("name, save", [

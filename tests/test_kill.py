@@ -34,14 +34,14 @@ KILLS = [
     ("train batch:2", 0, 0),             # during the first epoch
     ("validation batch:1", 0, 0),        # during its validation
     ("epoch logged:1", 0, 0),            # CSV row, frame and plots written, checkpoint not yet
-    ("save last.keras:1", 0, 0),         # checkpoint written to its temporary file
+    ("write last.keras:1", 0, 0),        # checkpoint in its temporary file, not in place
     ("commit:1", 1, 0),                  # commit decided, one rename of three done
-    ("save progress.gif:1", 1, 0),       # second epoch: GIF half-way to its place
-    ("save state.json:1", 1, 0),         # every file of the epoch written, not committed
+    ("save progress.gif:1", 1, 0),       # second epoch: GIF written, not yet in place
+    ("write state.json:1", 1, 0),        # every file of the epoch written, not committed
     ("epoch saved:1", 2, 0),             # second epoch committed, third not begun
     ("prior encoded train:1", 3, 0),     # the prior encoding the training split
     ("prior_epoch logged:1", 3, 0),      # the prior's first CSV row, no checkpoint
-    ("save prior_last.keras:1", 3, 0),   # the prior's checkpoint being written
+    ("write prior_last.keras:1", 3, 0),  # the prior's checkpoint written, not committed
     ("prior_epoch saved:1", 3, 1),       # the prior's first epoch committed
 ]
 
@@ -54,7 +54,7 @@ def train(out, data, *extra, crash_at=None):
     if crash_at:
         env["VQVAE_CRASH_AT"] = crash_at
     argv = [sys.executable, "train.py", *extra, "--out", str(out)]
-    if "--resume" not in extra:
+    if not {"--resume", "--prior-only"} & set(extra):
         argv += ["--data", str(data), *RUN]
     with open(out.parent / "stdout.txt", "w") as stdout, \
             open(out.parent / "stderr.txt", "w") as stderr:
@@ -85,18 +85,19 @@ def saved(out, prefix=""):
     return json.loads(path.read_text())["epochs_done"] if path.exists() else 0
 
 
-def check_finished_run(out):
+def check_finished_run(out, epochs=3, prior_epochs=2):
     """Everything the issue lists for a run that was killed, resumed and finished."""
-    assert logged_epochs(out / "training_log.csv") == [0, 1, 2]
-    assert logged_epochs(out / "prior_training_log.csv") == [0, 1]
+    assert logged_epochs(out / "training_log.csv") == list(range(epochs))
+    assert logged_epochs(out / "prior_training_log.csv") == list(range(prior_epochs))
     assert sorted(p.name for p in (out / "frames").iterdir()) == [
-        "epoch_001.png", "epoch_002.png", "epoch_003.png"]
-    assert Image.open(out / "progress.gif").n_frames == 3
-    for prefix, epochs, steps in (("", 3, STEPS_PER_EPOCH), ("prior_", 2, PRIOR_STEPS_PER_EPOCH)):
+        f"epoch_{n:03d}.png" for n in range(1, epochs + 1)]
+    assert Image.open(out / "progress.gif").n_frames == epochs
+    for prefix, done, steps in (("", epochs, STEPS_PER_EPOCH),
+                                ("prior_", prior_epochs, PRIOR_STEPS_PER_EPOCH)):
         state = json.loads((out / f"{prefix}state.json").read_text())
         last = keras.models.load_model(out / f"{prefix}last.keras")
-        assert state["epochs_done"] == epochs
-        assert state["optimizer_steps"] == int(last.optimizer.iterations) == epochs * steps
+        assert state["epochs_done"] == done and state["finished"]
+        assert state["optimizer_steps"] == int(last.optimizer.iterations) == done * steps
         keras.models.load_model(out / f"{prefix}best.keras")
     with open(out / "training_log.csv") as f:
         for row in csv.DictReader(f):
@@ -121,6 +122,26 @@ def test_sigkill_at_twelve_points_then_resume_loses_and_repeats_nothing(oasis_ro
     code, stdout, stderr = finish(train(out, oasis_root, "--resume"))
     assert code == 0, stderr
     check_finished_run(out)
+    # asked for a 4th epoch, killed in it: a plain --resume must still train that epoch
+    code, _, _ = finish(train(out, oasis_root, "--resume", "--epochs", "4",
+                              crash_at="train batch:1"))
+    assert code == -signal.SIGKILL
+    code, stdout, stderr = finish(train(out, oasis_root, "--resume"))
+    assert code == 0, stderr
+    check_finished_run(out, epochs=4)  # and a new prior for the VQ-VAE's new codes
+
+
+def test_prior_only_after_a_kill_drops_the_unsaved_epoch_of_the_vqvae(oasis_root, tmp_path):
+    out = tmp_path / "run"
+    code, _, _ = finish(train(out, oasis_root, "--prior-epochs", "0",
+                              crash_at="epoch logged:2"))
+    assert code == -signal.SIGKILL and logged_epochs(out / "training_log.csv") == [0, 1]
+    code, stdout, stderr = finish(train(out, oasis_root, "--prior-only", "--prior-epochs", "1"))
+    assert code == 0, stderr
+    assert logged_epochs(out / "training_log.csv") == [0]  # epoch 2 was never saved
+    assert [p.name for p in (out / "frames").iterdir()] == ["epoch_001.png"]
+    assert Image.open(out / "progress.gif").n_frames == 1
+    assert saved(out, "prior_") == 1
 
 
 def wait_for(condition, process, seconds=180):
@@ -147,6 +168,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_say_how_to_resume(oasis_root, tmp_p
     process = train(out, oasis_root, "--resume")
     wait_for(lambda: saved(out, "prior_") >= 1 or saved(out) > done, process)
     process.send_signal(second)
+    process.send_signal(second)  # impatient: the second one stops at once, still cleanly
     code, stdout, stderr = finish(process)
     assert code == 1 and f"stopped by {second.name}" in stderr, stderr
     assert stderr.strip().splitlines()[-1].strip() == f"python train.py --resume --out {out}"

@@ -2,6 +2,7 @@ import json
 
 import keras
 import pytest
+from PIL import Image
 
 import monitor
 
@@ -20,7 +21,8 @@ def test_checkpoints_keep_the_best_epoch_by_the_monitored_value(tmp_path, higher
                                       higher_is_better=higher_is_better)
     checkpoints.set_model(model)
     for epoch, bits in enumerate([2.0, 3.0, 1.0]):
-        checkpoints.on_epoch_end(epoch, {"val_bits": bits, "elapsed_minutes": epoch + 1.0})
+        checkpoints.on_epoch_end(epoch, {"val_bits": bits, "elapsed_minutes": epoch + 1.0,
+                                         "epoch_seconds": 60.0})
     saved = json.loads((tmp_path / "prior_state.json").read_text())
     assert saved["best_epoch"] == best_epoch and saved["epochs_done"] == 3
     assert saved["best_val_bits"] == (3.0 if higher_is_better else 1.0)
@@ -60,7 +62,8 @@ def test_a_nan_epoch_is_neither_saved_nor_counted(tmp_path):
     checkpoints = monitor.Checkpoints(tmp_path, state, monitor="val_bits",
                                       higher_is_better=False)
     checkpoints.set_model(model)
-    checkpoints.on_epoch_end(1, {"val_bits": float("nan"), "elapsed_minutes": 2.0})
+    checkpoints.on_epoch_end(1, {"val_bits": float("nan"), "elapsed_minutes": 2.0,
+                                   "epoch_seconds": 60.0})
     assert model.stop_training and state == {"epochs_done": 1}
     assert list(tmp_path.iterdir()) == []
 
@@ -75,3 +78,55 @@ def test_a_not_finite_value_is_named_and_strict_json_refuses_it(tmp_path):
     with pytest.raises(ValueError):
         monitor.write_json({"psnr": float("inf")}, tmp_path / "report.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_together_leaves_all_old_or_all_new_files(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("old")
+
+    def broken(path):
+        raise OSError("killed here")
+
+    with pytest.raises(OSError):  # the second write fails: nothing is committed
+        monitor.save_together({"a.txt": lambda p: open(p, "w").write("new"), "b.txt": broken},
+                              tmp_path)
+    monitor.remove_leftovers(tmp_path)  # what the next start does
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "old",
+                                                                   "b.txt": "old"}
+    monitor.save_together({name: lambda p: open(p, "w").write("new") for name in
+                           ("a.txt", "b.txt")}, tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "new",
+                                                                   "b.txt": "new"}
+
+
+def test_a_commit_cut_short_between_its_renames_is_finished_on_the_next_start(tmp_path):
+    """As if killed after the commit was marked and one of three files renamed."""
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "tmp-epoch_004.png").write_text("half a frame")
+    (tmp_path / "a.txt").write_text("new")  # renamed already
+    for name in ("b.txt", "c.txt"):
+        (tmp_path / name).write_text("old")
+        (tmp_path / f"tmp-{name}").write_text("new")
+    monitor.write_json(["a.txt", "b.txt", "c.txt"], tmp_path / monitor.COMMIT)
+    monitor.remove_leftovers(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.glob("*.txt")} == {
+        "a.txt": "new", "b.txt": "new", "c.txt": "new"}
+    assert not (tmp_path / monitor.COMMIT).exists()
+    assert list((tmp_path / "frames").iterdir()) == []  # a killed write is never kept
+
+
+def test_rewinding_drops_the_log_rows_and_frames_of_an_unsaved_epoch(tmp_path):
+    (tmp_path / "frames").mkdir()
+    for epoch in (1, 2, 3):
+        Image.new("L", (8, 8), 40 * epoch).save(tmp_path / "frames" / f"epoch_{epoch:03d}.png")
+    header = ("epoch,loss,reconstruction_loss,vq_loss,val_loss,val_reconstruction_loss,"
+              "val_vq_loss,val_ssim,val_psnr\n")
+    rows = "".join(f"{e},0.5,0.4,0.1,0.5,0.4,0.1,0.9,30\n" for e in range(3))
+    (tmp_path / "training_log.csv").write_text(header + rows + "3,0.5,0.4")  # cut mid-row
+    monitor.rewind_vqvae_outputs(tmp_path, 2)
+    assert (tmp_path / "training_log.csv").read_text().replace("\r", "") == (
+        header + rows.rsplit("2,", 1)[0])
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["epoch_001.png",
+                                                                       "epoch_002.png"]
+    assert Image.open(tmp_path / "progress.gif").n_frames == 2
+    assert (tmp_path / "ssim_curve.png").exists()  # plots redrawn from the trimmed log

@@ -66,7 +66,8 @@ def test_an_out_folder_inside_a_file_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["train"].pop("codebook_size"), "missing setting 'codebook_size'"),
     (lambda c: c["train"].update(colour="blue"), "unknown setting 'colour'"),
-    (lambda c: c["train"].update(epochs="many"), "epochs = 'many' is not a int"),
+    (lambda c: c["train"].update(epochs="many"), "epochs = 'many' is not of the saved kind"),
+    (lambda c: c["train"].update(precision="fp8"), "precision = 'fp8' is not one of auto"),
     (lambda c: c.pop("splits"), "its splits are missing"),
 ])
 def test_a_config_json_from_another_version_or_edited_is_refused(trained_run, tmp_path, edit,
