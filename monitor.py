@@ -3,9 +3,9 @@ GIF and the plots, and how it survives being killed.
 
 An epoch is recorded completely or not at all. Its CSV row, progress frame, GIF and plots are
 written first; then its checkpoints and state.json are committed together (`save_together`).
-A run killed at any point resumes after the last committed epoch: `finish_saves` completes or
-discards a half-done commit and deletes temporary files, and `trim_log` / `ProgressGif` drop
-any rows and frames of the epoch that was not committed. Every file except the CSV and
+A run killed at any point resumes after the last committed epoch: `remove_leftovers` completes
+a commit that was marked and deletes the temporary files of one that was not, and
+`rewind_vqvae_outputs` / `trim_log` drop any rows and frames of an epoch never committed. Every file except the CSV and
 TensorBoard logs (appended to by Keras, a row or event at a time) is written atomically.
 SIGINT (Ctrl-C) and SIGTERM (sent by Slurm and other schedulers) stop training at the next
 batch and drop the epoch in progress (`catching_stop_signals`, `StopOnSignal`).
@@ -23,6 +23,11 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import imageio.v2 as imageio
 import keras
@@ -51,7 +56,9 @@ def crash_point(name):
 
 def flush_to_disk(path):
     """fsync a file (or a folder, after a rename in it), so that a crash of the whole machine,
-    not only of this process, finds complete files."""
+    not only of this process, finds complete files. (Windows cannot open folders: skipped.)"""
+    if os.name == "nt" and Path(path).is_dir():
+        return
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -110,7 +117,8 @@ def remove_leftovers(folder):
     folder = Path(folder)
     finish_saves(folder)
     for leftover in [*folder.glob("tmp-*"), *folder.glob("frames/tmp-*")]:
-        leftover.unlink()
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def json_text(data):
@@ -210,9 +218,10 @@ class Checkpoints(keras.callbacks.Callback):
     in `not_finite` (every logged metric is bounded, PSNR included, so this means the model
     broke, never that it was perfect)."""
 
-    def __init__(self, out, state, prefix="", monitor="val_ssim", higher_is_better=True):
+    def __init__(self, out, state, prefix="", monitor="val_ssim", higher_is_better=True,
+                 log=None):
         super().__init__()
-        self.out, self.state, self.prefix = Path(out), state, prefix
+        self.out, self.state, self.prefix, self.log = Path(out), state, prefix, log
         self.monitor, self.sign = monitor, 1.0 if higher_is_better else -1.0
         self.not_finite = []
 
@@ -222,6 +231,8 @@ class Checkpoints(keras.callbacks.Callback):
             self.model.stop_training = True  # this epoch is neither saved nor counted
             return
         crash_point(self.prefix + "epoch logged")
+        if self.log:  # the epoch's CSV row must be on disk before the epoch is committed
+            flush_to_disk(self.log)
         last, best = f"{self.prefix}last.keras", f"{self.prefix}best.keras"
         writers = {last: self.model.save}
         best_value = self.state.get("best_" + self.monitor)
@@ -243,6 +254,21 @@ class Checkpoints(keras.callbacks.Callback):
         and record its SHA-256, which tells a prior whether its VQ-VAE has changed."""
         shutil.copyfile(self.out / f"tmp-{self.prefix}last.keras", path)
         self.state["best_sha256"] = file_sha256(path)
+
+
+@contextlib.contextmanager
+def holding_run_lock(out):
+    """One train.py at a time per run folder (a second would delete the first one's temporary
+    files and interleave their epochs). An OS lock: a killed process releases it."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / ".lock", "w") as handle:
+        if fcntl is not None:  # POSIX; on Windows the folder is not locked
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                sys.exit(f"error: another train.py is running on {out}: wait for it to end, or "
+                         f"stop it, or give another --out.")
+        yield
 
 
 class Interrupted(Exception):
@@ -304,8 +330,7 @@ def rewind_vqvae_outputs(out, epochs_done):
     epochs (a killed run may have recorded part of one more)."""
     out = Path(out)
     trimmed = trim_log(out / "training_log.csv", epochs_done)
-    extra = [frame for frame in (out / "frames").glob("epoch_*.png")
-             if int(frame.stem.split("_")[1]) > epochs_done]
+    extra = [frame for frame in frame_files(out) if int(frame.stem[6:]) > epochs_done]
     for frame in extra:
         frame.unlink()
     if extra or trimmed:
@@ -313,12 +338,19 @@ def rewind_vqvae_outputs(out, epochs_done):
         Plots(out / "training_log.csv", out, draw_vqvae_curves).redraw()
 
 
+def frame_files(out):
+    """frames/epoch_NNN.png in epoch order (other files there are not frames)."""
+    return sorted(p for p in (Path(out) / "frames").glob("epoch_*.png") if p.stem[6:].isdigit())
+
+
 def build_gif(out):
-    """progress.gif from every frame in frames/, in epoch order."""
-    frames = [imageio.imread(p) for p in sorted((Path(out) / "frames").glob("epoch_*.png"))]
+    """progress.gif from every frame in frames/, in epoch order (none: no GIF)."""
+    frames = [imageio.imread(p) for p in frame_files(out)]
     if frames:
         save_atomically(lambda tmp: imageio.mimsave(tmp, frames, format="GIF", duration=500,
                                                     loop=0), Path(out) / "progress.gif")
+    else:
+        (Path(out) / "progress.gif").unlink(missing_ok=True)
 
 
 class ProgressGif(keras.callbacks.Callback):

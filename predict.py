@@ -101,8 +101,7 @@ def load_generator(folder):
     vqvae, config = load_run(folder, "best")
     if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
         sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
-                 f"codes: delete {state_path} and train a new prior (python train.py "
-                 f"--prior-only --out {folder}).")
+                 f"codes: python train.py --resume --out {folder} trains a new prior for it.")
     return load_checkpoint(prior_path, modules.PixelCNNPrior), vqvae, config
 
 

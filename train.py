@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ import metrics  # noqa: E402
 import modules  # noqa: E402
 from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,  # noqa: E402
                      WallClock, catching_stop_signals, crash_point, draw_vqvae_curves,
-                     file_sha256, load_checkpoint, prior_curve_drawer, read_json,
+                     holding_run_lock,
+                     file_sha256, finish_saves, load_checkpoint, prior_curve_drawer, read_json,
                      remove_leftovers, rewind_vqvae_outputs, stop_signal_received, trim_log,
                      write_json)
 from settings import parse_args, read_run_config  # noqa: E402
@@ -156,12 +158,14 @@ def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag)
 
 def main(argv=None):
     config, mode = parse_args(argv)
-    with catching_stop_signals():
+    with holding_run_lock(config.out), catching_stop_signals():
         try:
             train(config, mode)
         except dataset.DataError as error:
             sys.exit(f"error: {error}")
         except (Interrupted, KeyboardInterrupt):  # one signal, or a second one at once
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third must not cut this message
+            finish_saves(config.out)  # a second signal may have stopped a commit half-way
             sys.exit(f"stopped by {stop_signal_received() or 'Ctrl-C'}: "
                      f"{saved_epochs(Path(config.out))}; the epoch in progress was dropped. "
                      f"Resume with:\n  python train.py --resume --out {shlex.quote(config.out)}")
@@ -192,30 +196,29 @@ def train(config, mode):
         sys.exit(f"error: {out} holds last.keras but not its state.json (deleted or lost?): "
                  f"restore {out / 'state.json'}, or start a new run in another --out.")
     done = state.get("epochs_done", 0)
+    if "epochs" in mode.given and continuing and config.epochs < done:
+        sys.exit(f"error: {out} has done {done} epochs already: pass --epochs larger than that "
+                 f"to train more.")
     rewind_vqvae_outputs(out, done)  # drop what a killed run logged of an unsaved epoch
     # a resumed run reads the very folders it was trained on
     splits = (read_run_config(out / "config.json")["splits"] if continuing
               else resolve_splits(config, mode.given))
-    # --resume continues the VQ-VAE if it was cut short or asked for more, else the prior
-    if "epochs" in mode.given and continuing and config.epochs < done:
-        sys.exit(f"error: {out} has done {done} epochs already: pass --epochs larger than that "
-                 f"to train more.")
-    asked_for_more = ("epochs" in mode.given and config.epochs > done
-                      or "time_limit" in mode.given)
-    vqvae_pending = not mode.prior_only and (not state or asked_for_more or (
-        not state.get("finished") and done < config.epochs))
-    if mode.prior_only and not state.get("finished"):
-        state["finished"] = True  # a prior is built on it: --resume must not train it further
+    # the VQ-VAE trains if it is new, cut short, or asked for more epochs or time
+    more_asked = "epochs" in mode.given or ("time_limit" in mode.given
+                                            and not time_is_up(config.time_limit, state))
+    vqvae_pending = not mode.prior_only and (not state or done < config.epochs and (
+        not state.get("finished") or more_asked))
+    if not vqvae_pending and not state.get("finished"):
+        state["finished"] = True  # all its epochs are done, or a prior is built on it
         write_json(state, out / "state.json")
-    if not vqvae_pending and not config.prior_epochs:
-        sys.exit(f"error: nothing to do: the VQ-VAE in {out} is trained and it has no prior. "
-                 f"Pass --epochs larger than {done} or --prior-epochs N.")
     if vqvae_pending:
         train_vqvae(config, out, splits, state, precision)
-    if config.prior_epochs:
-        more_prior = ("prior_epochs" in mode.given or "prior_time_limit" in mode.given)
-        train_prior(config, out, splits, resume=mode.resume and not vqvae_pending,
-                    asked_for_more=more_prior)
+    prior_trained = config.prior_epochs and train_prior(config, out, splits, continuing,
+                                                        mode.given)
+    if not (vqvae_pending or prior_trained):
+        prior = " and so is its prior" if config.prior_epochs else " and it has no prior"
+        sys.exit(f"error: nothing to do: the VQ-VAE in {out} is trained ({done} epochs){prior}. "
+                 f"Pass a larger --epochs or --prior-epochs (or time limit) to train more.")
 
 
 def time_is_up(limit_minutes, state):
@@ -231,8 +234,11 @@ def train_vqvae(config, out, splits, state, precision):
     if resume and config.epochs <= state["epochs_done"]:
         sys.exit(f"error: {out} has done {state['epochs_done']} epochs already: pass --epochs "
                  f"larger than that to train more.")
-    if state.pop("finished", None):  # on disk at once: a kill now must resume this stage
+    if resume:  # on disk at once, so that a kill now resumes this stage with these settings
+        state.pop("finished", None)
         write_json(state, out / "state.json")
+        write_json({**read_run_config(out / "config.json"), "train": dataclasses.asdict(config)},
+                   out / "config.json")
     skipped = []
     train_paths, val_paths = (
         dataset.list_images_skipping(splits[name], config.skip_bad_files, skipped)
@@ -271,7 +277,7 @@ def train_vqvae(config, out, splits, state, precision):
         keras.callbacks.TerminateOnNaN(),
         ProgressGif(gif_images, out),
         Plots(csv_path, out, draw_vqvae_curves),
-        Checkpoints(out, state),
+        Checkpoints(out, state, log=csv_path),
         StopOnSignal(),
     ]
     started = time.time()
@@ -288,38 +294,51 @@ def train_vqvae(config, out, splits, state, precision):
     print("done:", json.dumps(summary))
 
 
-def prior_state_for(out, resume, asked_for_more):
-    """The prior's saved state to continue, or a fresh one: a prior whose VQ-VAE has since been
-    trained further (so its codes changed) is replaced. best.keras must be the file train.py
-    saved last (state.json records its SHA-256)."""
+def prior_state_for(config, out, resume, given):
+    """The saved prior's state to continue, a fresh one, or None if the saved prior is complete.
+
+    A prior learned the codes of one best.keras (its SHA-256 is in prior_state.json). If
+    train.py has since trained the VQ-VAE further (state.json records the SHA-256 of each
+    best.keras it saves), the prior is replaced; if best.keras changed any other way, the run
+    is refused rather than pairing a prior with codes it never saw.
+    """
     vqvae_path, state_path = out / "best.keras", out / "prior_state.json"
     fingerprint = file_sha256(vqvae_path)
-    if read_json(out / "state.json").get("best_sha256", fingerprint) != fingerprint:
-        sys.exit(f"error: {vqvae_path} changed after the prior in {out} was trained on it, and "
-                 f"not by train.py: restore it, or train a new prior with --prior-only (delete "
-                 f"{state_path} first).")
     state = read_json(state_path) if resume and state_path.exists() else {}
     if state and state["vqvae_sha256"] != fingerprint:
-        print("prior: the VQ-VAE was trained further since its prior: training a new prior.")
+        if read_json(out / "state.json").get("best_sha256") != fingerprint:
+            sys.exit(f"error: {vqvae_path} changed after the prior in {out} was trained on it, "
+                     f"and not by train.py: restore it, or delete {state_path} and run python "
+                     f"train.py --resume --out {out} to train a new prior on it.")
+        print("prior: the VQ-VAE has trained further since its prior: training a new prior.")
+        state_path.unlink()
         state = {}
-    if state.get("finished") and not asked_for_more:
-        sys.exit(f"error: nothing to do: the prior in {out} is trained ({state['epochs_done']} "
-                 f"epochs). Pass a larger --prior-epochs or --prior-time-limit to train it more.")
+    if not state:
+        return {"vqvae_sha256": fingerprint}
+    done = state["epochs_done"]
+    if "prior_epochs" in given and config.prior_epochs < done:
+        sys.exit(f"error: the prior in {out} has done {done} epochs already: pass "
+                 f"--prior-epochs larger than that to train it more.")
+    more_asked = "prior_epochs" in given or ("prior_time_limit" in given and not time_is_up(
+        config.prior_time_limit, state))
+    if done >= config.prior_epochs or (state.get("finished") and not more_asked):
+        print(f"prior: complete ({done} epochs).")
+        return None
     if state.pop("finished", None):  # on disk at once: a kill now must resume the prior
         write_json(state, state_path)
-    return state or {"vqvae_sha256": fingerprint}
+    return state
 
 
-def train_prior(config, out, splits, resume, asked_for_more=False):
+def train_prior(config, out, splits, resume, given=frozenset()):
     """Stage two: encode the train and validation splits once with best.keras, then fit the
-    PixelCNN prior on the code maps; prior_best.keras, prior_last.keras, prior_state.json."""
+    PixelCNN prior on the code maps; prior_best.keras, prior_last.keras, prior_state.json.
+    Returns False if there was nothing to train."""
     started = time.time()
     vqvae = load_checkpoint(out / "best.keras", modules.VQVAE)
-    state = prior_state_for(out, resume, asked_for_more)
+    state = prior_state_for(config, out, resume, given)
+    if state is None:
+        return False
     resume = "epochs_done" in state
-    if resume and config.prior_epochs <= state["epochs_done"]:
-        sys.exit(f"error: the prior in {out} has done {state['epochs_done']} epochs already: "
-                 f"pass --prior-epochs larger than that to train it more.")
     grid, K = config.image_size // config.downsample, vqvae.codebook_size
     prior = (load_checkpoint(out / "prior_last.keras", modules.PixelCNNPrior) if resume
              else build_prior(config, grid, K))
@@ -333,6 +352,8 @@ def train_prior(config, out, splits, resume, asked_for_more=False):
         with dataset.naming_bad_files(paths):
             codes[split] = vqvae.encode_all(dataset.load_split(paths, config.image_size, 64))
         crash_point("prior encoded " + split)
+        if stop_signal_received():  # encoding takes minutes: do not wait for the first batch
+            raise Interrupted(stop_signal_received())
     if skipped:
         saved["skipped_files"] = sorted(set(saved.get("skipped_files", []) + skipped))
         write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
@@ -362,7 +383,8 @@ def train_prior(config, out, splits, resume, asked_for_more=False):
         keras.callbacks.TensorBoard(str(out / "tensorboard" / "prior"), profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
         Plots(csv_path, out, prior_curve_drawer(baselines)),
-        Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False),
+        Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False,
+                    log=csv_path),
         StopOnSignal(),
     ]
     if time_is_up(config.prior_time_limit, state):
@@ -376,6 +398,7 @@ def train_prior(config, out, splits, resume, asked_for_more=False):
                "this_run_minutes": (time.time() - started) / 60}
     write_json(summary, out / "prior_summary.json")
     print("prior done:", json.dumps(summary))
+    return True
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def test_resume_of_a_finished_vqvae_continues_its_prior(trained_run, tmp_path):
     assert prior.optimizer.iterations.numpy() == 3  # 24 maps in one batch: a step per epoch
     with open(out / "prior_training_log.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
-    with pytest.raises(SystemExit, match="nothing to do: the prior in .* is trained"):
+    with pytest.raises(SystemExit, match="nothing to do: .* and so is its prior"):
         train.main(["--resume", "--out", str(out)])
 
 
@@ -294,3 +294,29 @@ def foreign_model():
 
 def lambda_model():
     return keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda x: x * 2)])
+
+
+def test_resume_with_a_used_up_time_limit_continues_the_prior_not_the_vqvae(oasis_root,
+                                                                            tmp_path):
+    """What a scheduler script does: rerun the same --resume --time-limit command."""
+    out = tmp_path / "out"
+    train.main(["--data", str(oasis_root), "--epochs", "5", "--time-limit", "0.0001",
+                "--out", str(out), *TINY, "--prior-epochs", "1"])
+    assert json.loads((out / "state.json").read_text())["epochs_done"] == 1
+    train.main(["--resume", "--time-limit", "0.0001", "--prior-epochs", "2", "--out", str(out)])
+    assert json.loads((out / "state.json").read_text())["epochs_done"] == 1  # time is up
+    prior = keras.models.load_model(out / "prior_last.keras")
+    assert prior.optimizer.iterations.numpy() == 2  # the prior went on from its epoch 1
+    with open(out / "prior_training_log.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+
+
+def test_prior_only_accepts_a_best_keras_saved_again_when_there_is_no_prior(oasis_root,
+                                                                           tmp_path):
+    out = tmp_path / "out"
+    train.main(["--data", str(oasis_root), "--epochs", "1", "--out", str(out), *TINY,
+                "--prior-epochs", "0"])
+    change_best_vqvae(out)  # e.g. restored from a backup: no prior depends on it yet
+    train.main(["--prior-only", "--prior-epochs", "1", "--out", str(out)])
+    assert json.loads((out / "prior_state.json").read_text())["vqvae_sha256"] == \
+        monitor.file_sha256(out / "best.keras")
