@@ -206,8 +206,8 @@ def train(config, mode):
     # the VQ-VAE trains if it is new, cut short, or asked for more epochs or time
     more_asked = "epochs" in mode.given or ("time_limit" in mode.given
                                             and not time_is_up(config.time_limit, state))
-    vqvae_pending = not mode.prior_only and (not state or done < config.epochs and (
-        not state.get("finished") or more_asked))
+    vqvae_pending = not mode.prior_only and (not state or (
+        done < config.epochs and (not state.get("finished") or more_asked)))
     if not vqvae_pending and not state.get("finished"):
         state["finished"] = True  # all its epochs are done, or a prior is built on it
         write_json(state, out / "state.json")
