@@ -212,8 +212,9 @@ class WallClock(keras.callbacks.Callback):
 
 
 class Checkpoints(keras.callbacks.Callback):
-    """Saves {prefix}last.keras every epoch and {prefix}best.keras when `monitor` improves,
-    then {prefix}state.json (epochs done, time used, every val_ metric of the best epoch).
+    """Commits, together (save_together), {prefix}last.keras every epoch, {prefix}best.keras
+    when `monitor` improves, and {prefix}state.json (epochs done, optimizer steps, time used,
+    every val_ metric of the best epoch). Place it after the callbacks that log the epoch.
     An epoch with a NaN or infinite value saves nothing, stops training, and names the values
     in `not_finite` (every logged metric is bounded, PSNR included, so this means the model
     broke, never that it was perfect)."""
@@ -247,7 +248,6 @@ class Checkpoints(keras.callbacks.Callback):
             json_text(self.state))  # last: it records best_sha256
         save_together(writers, self.out)
         crash_point(self.prefix + "epoch saved")
-
 
     def _copy_best(self, path):
         """The model just written to tmp-last is the new best: copy it (do not save twice)
