@@ -5,8 +5,9 @@ An epoch is recorded completely or not at all. Its CSV row, progress frame, GIF 
 written first; then its checkpoints and state.json are committed together (`save_together`).
 A run killed at any point resumes after the last committed epoch: `remove_leftovers` completes
 a commit that was marked and deletes the temporary files of one that was not, and
-`rewind_vqvae_outputs` / `trim_log` drop any rows and frames of an epoch never committed. Every file except the CSV and
-TensorBoard logs (appended to by Keras, a row or event at a time) is written atomically.
+`rewind_vqvae_outputs` / `trim_log` drop any rows and frames of an epoch never committed.
+Every file except the CSV and TensorBoard logs (appended to by Keras, a row or event at a
+time) is written atomically.
 SIGINT (Ctrl-C) and SIGTERM (sent by Slurm and other schedulers) stop training at the next
 batch and drop the epoch in progress (`catching_stop_signals`, `StopOnSignal`).
 """
@@ -174,7 +175,7 @@ def load_checkpoint(path, kind=keras.Model):
             problem = ("holds code (a Lambda layer), which safe mode refuses to run"
                        if "lambda" in str(error).lower() else
                        f"could not be loaded ({type(error).__name__}: {first_line}); it may be "
-                       f"damaged, or written by another version of modules.py")
+                       f"damaged, or written by another version of modules.py or prior.py")
         else:
             if isinstance(model, kind):
                 return model

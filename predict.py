@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
+from prior import PixelCNNPrior  # noqa: E402
 from monitor import file_sha256, load_checkpoint, read_json, write_json  # noqa: E402
 from settings import read_run_config  # noqa: E402
 
@@ -102,7 +103,7 @@ def load_generator(folder):
     if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
         sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
                  f"codes: python train.py --resume --out {folder} trains a new prior for it.")
-    return load_checkpoint(prior_path, modules.PixelCNNPrior), vqvae, config
+    return load_checkpoint(prior_path, PixelCNNPrior), vqvae, config
 
 
 def test_folder(args, config):

@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
+from prior import PixelCNNPrior  # noqa: E402
 from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,  # noqa: E402
                      WallClock, catching_stop_signals, crash_point, draw_vqvae_curves,
                      holding_run_lock,
@@ -131,7 +132,7 @@ def build_model(config, data_variance):
 
 def build_prior(config, grid_size, codebook_size):
     """The one way train.py makes a fresh PixelCNN prior from a Config."""
-    prior = modules.PixelCNNPrior(grid_size=grid_size, codebook_size=codebook_size,
+    prior = PixelCNNPrior(grid_size=grid_size, codebook_size=codebook_size,
                                   width=config.prior_width, layers=config.prior_layers,
                                   kernel_size=config.prior_kernel)
     prior.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate), jit_compile=False)
@@ -340,7 +341,7 @@ def train_prior(config, out, splits, resume, given=frozenset()):
         return False
     resume = "epochs_done" in state
     grid, K = config.image_size // config.downsample, vqvae.codebook_size
-    prior = (load_checkpoint(out / "prior_last.keras", modules.PixelCNNPrior) if resume
+    prior = (load_checkpoint(out / "prior_last.keras", PixelCNNPrior) if resume
              else build_prior(config, grid, K))
     skipped, codes = [], {}
     saved = read_run_config(out / "config.json")

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import modules  # noqa: F401  (registers the model classes for load_model)
+import prior  # noqa: F401
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,124 @@
+"""prior.py: causal masks, the row-by-row sampler, learning, sampling, saving and loading
+(also of a .keras file saved while the prior still lived in modules.py)."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from prior import MaskedConv2D, PixelCNNPrior
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def make_prior(grid=6, K=10, layers=6, kernel=3):
+    keras.utils.set_random_seed(0)
+    return PixelCNNPrior(grid_size=grid, codebook_size=K, width=8, layers=layers,
+                                 kernel_size=kernel, position_dim=4)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_prior_logits_depend_on_exactly_the_earlier_codes(kernel):
+    """Causality checked numerically at every position: changing one code changes the logits at
+    (r, c) if and only if it comes before (r, c) in raster order. With 6 layers every earlier code of a 6x6
+    map is in reach, so "if" also shows that there is no blind spot."""
+    prior = make_prior(kernel=kernel)
+    codes = np.random.default_rng(1).integers(0, 10, (1, 6, 6)).astype("int32")
+    base = prior(codes).numpy()[0]
+    order = np.arange(36).reshape(6, 6)  # raster position of every (r, c)
+    for i in range(6):
+        for j in range(6):  # change code (i, j), look at the logits of all 36 positions
+            changed = codes.copy()
+            changed[0, i, j] = (changed[0, i, j] + 1) % 10
+            effect = np.abs(prior(changed).numpy()[0] - base).max(axis=-1)
+            later = order > order[i, j]
+            assert np.all(effect[later] > 1e-6), f"some later logits ignore code {(i, j)}"
+            assert np.all(effect[~later] == 0), f"some logits see the later code {(i, j)}"
+
+
+def test_prior_row_by_row_logits_equal_the_full_map_logits():
+    """The sampler's shortcut (vertical stack over `reach` rows, horizontal stack over one row)
+    gives exactly the logits of the whole-map forward pass, also far from the top edge."""
+    prior = make_prior(grid=12, layers=3)
+    assert prior.reach == 4
+    codes = np.random.default_rng(2).integers(0, 10, (2, 12, 12)).astype("int32")
+    full = prior(codes).numpy()
+    for row in range(12):
+        links = prior.row_links(tf.constant(codes), tf.constant(row))
+        np.testing.assert_allclose(prior.row_logits(tf.constant(codes[:, row]), links).numpy(),
+                                   full[:, row], atol=1e-5)
+
+
+def test_masked_convolution_rejects_an_unknown_mask():
+    with pytest.raises(ValueError, match="mask_type A|B"):
+        MaskedConv2D(4, 3, "vertical", "C")
+
+
+def test_a_few_prior_training_steps_lower_its_loss():
+    """Code maps with a learnable structure (each row one code, rows counting up) go from
+    log2 K bits per code towards far less in a few steps."""
+    prior = make_prior(grid=6, K=8, layers=2)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-2))
+    starts = np.random.default_rng(3).integers(0, 8, 32)
+    codes = ((starts[:, None, None] + np.arange(6)[None, :, None]) % 8
+             * np.ones((1, 1, 6), int)).astype("int32")
+    before = float(prior.bits_per_code(codes))
+    assert abs(before - 3.0) < 0.3  # an untrained prior is close to uniform over 8 codes
+    prior.fit(codes, epochs=30, batch_size=32, verbose=0)
+    assert float(prior.bits_per_code(codes)) < 0.5 * before
+
+
+def test_sampling_gives_codes_in_range_of_the_right_shape_reproducibly():
+    prior = make_prior(grid=5, K=7, layers=2)
+    samples = prior.sample(3, temperature=1.0, seed=4).numpy()
+    assert samples.shape == (3, 5, 5) and samples.dtype == np.int32
+    assert samples.min() >= 0 and samples.max() < 7
+    np.testing.assert_array_equal(samples, prior.sample(3, temperature=1.0, seed=4).numpy())
+    assert len(np.unique(samples)) > 1  # an untrained prior draws many different codes
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        prior.sample(1, temperature=0.0)
+
+
+def test_sampling_follows_what_the_prior_learned():
+    """Trained on maps that are all code 2, samples at a low temperature are all code 2."""
+    prior = make_prior(grid=4, K=5, layers=2)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-2))
+    prior.fit(np.full((16, 4, 4), 2, "int32"), epochs=30, batch_size=16, verbose=0)
+    assert (prior.sample(4, temperature=0.5, seed=0).numpy() == 2).all()
+
+
+def test_samples_follow_a_learned_dependence_on_the_codes_drawn_before():
+    """Each row starts with a random code and counts up by one (mod K): every code depends on
+    the one just drawn. The sampler must feed each pick back in; one that did not would keep
+    conditioning on its initial zeros and could not follow the rows' random starts."""
+    prior = make_prior(grid=4, K=5, layers=2)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-2))
+    starts = np.random.default_rng(6).integers(0, 5, (256, 4, 1))
+    prior.fit(((starts + np.arange(4)) % 5).astype("int32"), epochs=40, batch_size=64,
+              verbose=0)
+    samples = prior.sample(32, temperature=0.5, seed=1).numpy()
+    follows = samples[:, :, 1:] == (samples[:, :, :-1] + 1) % 5
+    assert follows.mean() > 0.95
+    assert len(np.unique(samples[:, :, 0])) >= 4  # row starts still vary: no fixed pattern
+
+
+def test_prior_saves_and_loads_as_keras_file(tmp_path):
+    prior = make_prior(grid=4, K=5, layers=2)
+    prior.save(tmp_path / "prior.keras")
+    loaded = keras.models.load_model(tmp_path / "prior.keras")
+    codes = np.random.default_rng(5).integers(0, 5, (2, 4, 4)).astype("int32")
+    np.testing.assert_allclose(loaded(codes).numpy(), prior(codes).numpy(), atol=1e-6)
+    assert loaded.get_config()["layers"] == 2
+
+
+def test_a_prior_saved_before_it_moved_out_of_modules_py_still_loads():
+    """tests/fixtures holds a tiny prior saved by modules.py before the move (its config says
+    module "modules"); the registered names are unchanged, so it loads with its weights."""
+    loaded = keras.models.load_model(FIXTURES / "prior_saved_from_modules_py.keras")
+    assert isinstance(loaded, PixelCNNPrior)
+    codes = np.random.default_rng(0).integers(0, 5, (8, 4, 4)).astype("int32")[:2]
+    np.testing.assert_allclose(loaded(codes).numpy(),
+                               np.load(FIXTURES / "prior_saved_from_modules_py_logits.npy"),
+                               atol=1e-6)
