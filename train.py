@@ -222,6 +222,13 @@ def train(config, mode):
                  f"Pass a larger --epochs or --prior-epochs (or time limit) to train more.")
 
 
+def save_run_config(out, config, fresh=False, **entries):
+    """config.json: the run's settings (`config`) and the given entries, over what it held
+    before unless `fresh` (a new run starts it over)."""
+    saved = {} if fresh else read_run_config(out / "config.json")
+    write_json({**saved, **entries, "train": dataclasses.asdict(config)}, out / "config.json")
+
+
 def time_is_up(limit_minutes, state):
     """True if the time limit would be passed by another epoch as long as the last one (the
     rule WallClock applies after each epoch, applied again when a run is resumed)."""
@@ -238,8 +245,7 @@ def train_vqvae(config, out, splits, state, precision):
     if resume:  # on disk at once, so that a kill now resumes this stage with these settings
         state.pop("finished", None)
         write_json(state, out / "state.json")
-        write_json({**read_run_config(out / "config.json"), "train": dataclasses.asdict(config)},
-                   out / "config.json")
+        save_run_config(out, config)
     skipped = []
     train_paths, val_paths = (
         dataset.list_images_skipping(splits[name], config.skip_bad_files, skipped)
@@ -258,8 +264,8 @@ def train_vqvae(config, out, splits, state, precision):
         print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
     else:
         model = build_model(config, pixel_variance(train_paths, splits["train"], config))
-    write_json({"train": dataclasses.asdict(config), "precision": precision, "splits": splits,
-                "model": model.get_config(), "skipped_files": skipped}, out / "config.json")
+    save_run_config(out, config, fresh=not resume, precision=precision, splits=splits,
+                    model=model.get_config(), skipped_files=skipped)
     print("settings:", json.dumps({**dataclasses.asdict(config), "precision": precision}))
     print(f"model: {model.count_params():,} parameters, latent grid "
           f"{config.image_size // config.downsample}^2 x {config.code_dim}, "
@@ -344,9 +350,7 @@ def train_prior(config, out, splits, resume, given=frozenset()):
     prior = (load_checkpoint(out / "prior_last.keras", PixelCNNPrior) if resume
              else build_prior(config, grid, K))
     skipped, codes = [], {}
-    saved = read_run_config(out / "config.json")
-    write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
-               out / "config.json")  # before the minutes of encoding: a kill keeps the flags
+    save_run_config(out, config, prior=prior.get_config())  # a kill while encoding keeps them
     for split in ("train", "validate"):
         paths = dataset.list_images_skipping(splits[split], config.skip_bad_files,
                                              skipped)
@@ -356,9 +360,8 @@ def train_prior(config, out, splits, resume, given=frozenset()):
         if stop_signal_received():  # encoding takes minutes: do not wait for the first batch
             raise Interrupted(stop_signal_received())
     if skipped:
-        saved["skipped_files"] = sorted(set(saved.get("skipped_files", []) + skipped))
-        write_json({**saved, "train": dataclasses.asdict(config), "prior": prior.get_config()},
-                   out / "config.json")
+        known = read_run_config(out / "config.json").get("skipped_files", [])
+        save_run_config(out, config, skipped_files=sorted(set(known + skipped)))
     print(f"prior: encoded {len(codes['train'])} train and {len(codes['validate'])} validation "
           f"slices into {grid}x{grid} code maps with {out / 'best.keras'} "
           f"({time.time() - started:.0f} s)", flush=True)
