@@ -164,16 +164,17 @@ def decode_and_fit(path, image_size):
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
 
 
-def load_split(paths, image_size=256, batch_size=32, shuffle=False, seed=0):
+def load_split(paths, image_size=256, batch_size=32, shuffle=False, seed=0,
+               drop_remainder=False):
     """Paths from `list_images` -> batches of float32 images (B, image_size, image_size, 1)
-    in [0, 1]."""
+    in [0, 1]; with drop_remainder, whole batches only."""
     dataset = (tf.data.Dataset.from_tensor_slices(paths)
                .map(lambda p: decode_and_fit(p, image_size), num_parallel_calls=tf.data.AUTOTUNE)
                .cache())
     if shuffle:
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     return (dataset.map(lambda x: tf.cast(x, tf.float32) / 255.0)
-            .batch(batch_size)
+            .batch(batch_size, drop_remainder=drop_remainder)
             .prefetch(tf.data.AUTOTUNE))
 
 

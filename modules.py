@@ -17,6 +17,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from distribute import replica_context, results_over_replicas, scale_for_replicas, \
+    sum_over_replicas
+
 PACKAGE = "vqvae"
 
 
@@ -137,6 +140,10 @@ class VectorQuantizer(layers.Layer):
     instead of piling up as near-duplicates of a background code. The counters start at
     `dead_code_steps`, so the first step seeds every unchosen code from data (a data-dependent
     initialisation for free).
+
+    Under a tf.distribute strategy every replica sees part of the global batch, yet all must
+    hold the same codebook: n_k and the sums are all-reduced before the EMA step, and restart
+    vectors are drawn so that every replica picks the same ones (`_same_pick_everywhere`).
     """
 
     def __init__(self, codebook_size=512, code_dim=32, beta=0.25, use_ema=True, ema_decay=0.99,
@@ -200,7 +207,7 @@ class VectorQuantizer(layers.Layer):
         K = self.codebook_size
         flat = ops.stop_gradient(ops.reshape(z_e, (-1, self.code_dim)))
         flat_codes = ops.reshape(codes, (-1,))
-        counts = ops.cast(ops.bincount(flat_codes, minlength=K), "float32")
+        counts = sum_over_replicas(ops.cast(ops.bincount(flat_codes, minlength=K), "float32"))
         errors = ops.sum((flat - self.lookup(flat_codes)) ** 2, axis=1)  # before the EMA step
         if self.use_ema:
             self._ema_step(flat, flat_codes, counts)
@@ -208,7 +215,7 @@ class VectorQuantizer(layers.Layer):
 
     def _ema_step(self, flat, flat_codes, counts):
         K = self.codebook_size
-        sums = ops.segment_sum(flat, flat_codes, num_segments=K)
+        sums = sum_over_replicas(ops.segment_sum(flat, flat_codes, num_segments=K))
         decay = self.ema_decay
         self.ema_count.assign(decay * self.ema_count + (1 - decay) * counts)
         self.ema_sum.assign(decay * self.ema_sum + (1 - decay) * sums)
@@ -226,11 +233,30 @@ class VectorQuantizer(layers.Layer):
         dead = unused >= self.dead_code_steps
         log_weights = ops.log(errors + 1e-12)[None]
         picks = keras.random.categorical(log_weights, K, dtype="int32", seed=self.seed_generator)
-        fresh = ops.take(flat, picks[0], axis=0)
+        fresh = self._same_pick_everywhere(ops.take(flat, picks[0], axis=0), ops.sum(errors))
         self.codebook.assign(ops.where(dead[:, None], fresh, self.codebook))
         self.ema_sum.assign(ops.where(dead[:, None], fresh, self.ema_sum))
         self.ema_count.assign(ops.where(dead, 1.0, self.ema_count))
         self.steps_unused.assign(ops.where(dead, 0.0, unused))
+
+    def _same_pick_everywhere(self, candidates, error_mass):
+        """candidates (K, D), drawn by this replica from its share of the batch, and the total
+        error of that share -> the (K, D) restart vectors, identical on every replica.
+
+        Every replica gathers all replicas' candidates and masses and, for each code, picks
+        replica r with P(r) = mass_r / sum(mass): the gathered inputs and the seed (the seed
+        generator advances in step everywhere) are the same, so the picks are too. Overall
+        P(vector i) = P(its replica) * P(i | replica) = error_i / total error, as on one device.
+        """
+        context = replica_context()
+        if context is None:
+            return candidates
+        K = self.codebook_size
+        every_candidate = context.all_gather(candidates, axis=0)  # (replicas * K, D)
+        masses = context.all_gather(error_mass[None], axis=0)  # (replicas,)
+        replica = keras.random.categorical(ops.log(masses + 1e-12)[None], K, dtype="int32",
+                                           seed=self.seed_generator)[0]
+        return ops.take(every_candidate, replica * K + ops.arange(K, dtype="int32"), axis=0)
 
     def get_config(self):
         return {**super().get_config(), "codebook_size": self.codebook_size,
@@ -240,8 +266,10 @@ class VectorQuantizer(layers.Layer):
 
 
 def code_statistics(codes, codebook_size):
-    """Perplexity exp(H(p)) of the code histogram and the fraction of codes used at least once."""
+    """Perplexity exp(H(p)) of the code histogram and the fraction of codes used at least once,
+    over the global batch when the step runs on several replicas."""
     counts = ops.cast(ops.bincount(ops.reshape(codes, (-1,)), minlength=codebook_size), "float32")
+    counts = sum_over_replicas(counts)
     probs = counts / ops.sum(counts)
     entropy = -ops.sum(ops.where(probs > 0, probs * ops.log(ops.maximum(probs, 1e-12)), 0.0))
     return ops.exp(entropy), ops.mean(ops.cast(counts > 0, "float32"))
@@ -334,30 +362,36 @@ class VQVAE(keras.Model):
         reconstruction_loss = ops.mean((images - reconstructions) ** 2) / self.data_variance
         return reconstructions, codes, reconstruction_loss, vq_loss
 
-    def _record(self, codes, reconstruction_loss, vq_loss):
+    def _record(self, images, codes, reconstruction_loss, vq_loss):
+        """Update the trackers, each value weighted by the images it was measured on, so that
+        a tracker holds the mean over images however the batches were split across replicas
+        (under a strategy it sums every replica's part on reading). A replica handed no images
+        of a last, partial batch adds nothing (its mean over zero images would be NaN)."""
+        weight = ops.cast(ops.shape(images)[0], "float32")
         perplexity, usage = code_statistics(codes, self.codebook_size)
         values = {"loss": reconstruction_loss + vq_loss, "reconstruction_loss": reconstruction_loss,
                   "vq_loss": vq_loss, "perplexity": perplexity, "codebook_usage": usage}
         for name, value in values.items():
-            self.trackers[name].update_state(value)
+            self.trackers[name].update_state(ops.where(weight > 0, value, 0.0),
+                                             sample_weight=weight)
         return list(values)
 
     def train_step(self, images):
         with tf.GradientTape() as tape:
             _, codes, reconstruction_loss, vq_loss = self._loss_terms(images, training=True)
-            loss = reconstruction_loss + vq_loss
+            loss = scale_for_replicas(reconstruction_loss + vq_loss)
         gradients = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        names = self._record(codes, reconstruction_loss, vq_loss)
-        return {name: self.trackers[name].result() for name in names}
+        names = self._record(images, codes, reconstruction_loss, vq_loss)
+        return results_over_replicas([self.trackers[name] for name in names])
 
     def test_step(self, images):
         reconstructions, codes, reconstruction_loss, vq_loss = self._loss_terms(images, False)
-        names = self._record(codes, reconstruction_loss, vq_loss)
+        names = self._record(images, codes, reconstruction_loss, vq_loss)
         ssim, psnr = image_quality(images, ops.clip(reconstructions, 0.0, 1.0))
         self.trackers["ssim"].update_state(ssim)
         self.trackers["psnr"].update_state(psnr)
-        return {name: self.trackers[name].result() for name in names + ["ssim", "psnr"]}
+        return results_over_replicas([self.trackers[name] for name in names + ["ssim", "psnr"]])
 
     def get_config(self):
         return {**super().get_config(), **self.hparams}

@@ -244,7 +244,7 @@ class Checkpoints(keras.callbacks.Callback):
                                if k.startswith("val_")}, best_epoch=epoch + 1)
         self.state.update(epochs_done=epoch + 1, elapsed_minutes=logs["elapsed_minutes"],
                           epoch_seconds=logs["epoch_seconds"],
-                          optimizer_steps=int(self.model.optimizer.iterations))
+                          optimizer_steps=int(self.model.optimizer.iterations.numpy()))
         writers[f"{self.prefix}state.json"] = lambda path: Path(path).write_text(
             json_text(self.state))  # last: it records best_sha256
         save_together(writers, self.out)
@@ -309,10 +309,19 @@ def stop_signal_received():
 class StopOnSignal(keras.callbacks.Callback):
     """Raises Interrupted at the first batch end (training or validation) after SIGINT or
     SIGTERM, so that fit() ends before the epoch is logged or saved; placed last, it also
-    stops right after an epoch was committed."""
+    stops right after an epoch was committed.
 
-    def _check(self, *args, **kwargs):
-        if _stop_signals:
+    With `agree` (flag -> True on every worker if True on any, distribute.stop_agreement), on
+    a cluster of workers, it acts at epoch ends only, and there also makes every worker stop
+    training if any one would (a time limit): a worker that stopped alone, or went on alone,
+    would leave the others waiting forever for its gradients."""
+
+    def __init__(self, agree=None):
+        super().__init__()
+        self.agree = agree
+
+    def _check(self):
+        if _stop_signals and self.agree is None:
             raise Interrupted(_stop_signals[0])
 
     def on_train_batch_end(self, batch, logs=None):
@@ -323,7 +332,12 @@ class StopOnSignal(keras.callbacks.Callback):
         crash_point("validation batch")
         self._check()
 
-    on_epoch_end = _check
+    def on_epoch_end(self, epoch, logs=None):
+        if self.agree is None:
+            return self._check()
+        if self.agree(bool(_stop_signals)):
+            raise Interrupted(_stop_signals[0] if _stop_signals else "a signal to another worker")
+        self.model.stop_training = self.agree(self.model.stop_training)
 
 
 def rewind_vqvae_outputs(out, epochs_done):

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from distribute import results_over_replicas, scale_for_replicas
 from modules import PACKAGE
 
 
@@ -188,14 +189,20 @@ class PixelCNNPrior(keras.Model):
     def train_step(self, codes):
         with tf.GradientTape() as tape:
             loss = self.bits_per_code(codes, training=True)
-        gradients = tape.gradient(loss, self.trainable_variables)
+            scaled = scale_for_replicas(loss)  # the optimizer sums the replicas' gradients
+        gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        self.bits.update_state(loss, sample_weight=ops.shape(codes)[0])  # weigh by maps
-        return {"bits_per_code": self.bits.result()}
+        return self._record(codes, loss)
 
     def test_step(self, codes):
-        self.bits.update_state(self.bits_per_code(codes), sample_weight=ops.shape(codes)[0])
-        return {"bits_per_code": self.bits.result()}
+        return self._record(codes, self.bits_per_code(codes))
+
+    def _record(self, codes, bits):
+        """Weigh by code maps, so the result is the mean over maps however batches were split
+        across replicas; a replica handed no maps adds nothing (its mean would be NaN)."""
+        maps = ops.cast(ops.shape(codes)[0], "float32")
+        self.bits.update_state(ops.where(maps > 0, bits, 0.0), sample_weight=maps)
+        return results_over_replicas([self.bits])
 
     def sampler(self, count, temperature=1.0, seed=None):
         """A traced function that draws `count` code maps (count, h, w) int32 per call, all in

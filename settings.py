@@ -29,6 +29,7 @@ class Config:
     learning_rate: float = 1e-3
     time_limit: float | None = None  # minutes of training; 0 = no limit; None = unset
     precision: str = "auto"  # auto | float32 | mixed_bfloat16
+    strategy: str = "auto"  # auto | default | mirrored | multiworker (distribute.py)
     seed: int = 0
     # model
     downsample: int = 4
@@ -63,6 +64,11 @@ HELP = {
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
                   "parts included (0: no limit; unset: none, or 5 on the demo set)",
     "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
+    "strategy": "tf.distribute strategy of both stages: mirrored (every GPU of this machine), "
+                "multiworker (the machines in TF_CONFIG), default (one device); auto: "
+                "multiworker if TF_CONFIG names several workers, else mirrored if there are "
+                "several GPUs, else default. --batch-size and --prior-batch-size stay the "
+                "global batch, split across the replicas; learning rates are not rescaled",
     "seed": "seed for weights, shuffling and the demo set",
     "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the demo "
                   "set uses 8 unless given)",
@@ -83,17 +89,19 @@ HELP = {
     "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
-CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16"], "codebook": ["ema", "loss"]}
+CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16"], "codebook": ["ema", "loss"],
+           "strategy": ["auto", "default", "mirrored", "multiworker"]}
 # settings that runs saved before they existed lack; such a run reads them at these values
-ADDED_LATER = {"skip_bad_files": False}
-RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit", "skip_bad_files")
-PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + ("out",
-                                                                               "skip_bad_files")
+ADDED_LATER = {"skip_bad_files": False, "strategy": "auto"}
+RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit", "skip_bad_files",
+             "strategy")
+PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + (
+    "out", "skip_bad_files", "strategy")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, chief=True):
     """(Config, mode) from the command line; mode says resume, prior_only and which flags
-    were given.
+    were given. Only the chief worker (see distribute.py) finishes a killed run's saves.
     Flags default to None here so that the ones actually given can be told apart (a resumed
     or --prior-only run takes the rest from its config.json)."""
     parser = argparse.ArgumentParser(
@@ -122,7 +130,7 @@ def parse_args(argv=None):
                      "prior that was cut short")
     if allowed is not None:
         flag = "--resume" if args.resume else "--prior-only"
-        saved = saved_settings(given.get("out", Config.out), flag)
+        saved = saved_settings(given.get("out", Config.out), flag, chief)
         conflicts = [f"--{name.replace('_', '-')} {given[name]!r} (the run has "
                      f"{saved[name]!r})" for name in sorted(set(given) - set(allowed))
                      if given[name] != saved[name]]
@@ -181,11 +189,12 @@ def check(config, parser):
             parser.error(message)
 
 
-def saved_settings(out, flag):
+def saved_settings(out, flag, chief=True):
     """The settings saved by the run in `out` (for --resume and --prior-only). A run killed
     before its first epoch was saved has only config.json: --resume starts it afresh."""
     path = Path(out) / "config.json"
-    finish_saves(out)  # complete (or discard) what a killed run was saving
+    if chief:  # the other workers of a cluster only read `out`
+        finish_saves(out)  # complete (or discard) what a killed run was saving
     needed = [path] + ([] if flag == "--resume" else [path.with_name("best.keras"),
                                                       path.with_name("state.json")])
     if flag == "--resume" and path.with_name("state.json").exists():

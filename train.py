@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dataset  # noqa: E402
+import distribute  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
 from prior import PixelCNNPrior  # noqa: E402
@@ -139,15 +140,17 @@ def build_prior(config, grid_size, codebook_size):
     return prior
 
 
-def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag):
-    """model.fit from the epoch after the ones in `state`; exits if a logged value became NaN
+def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag, steps=None):
+    """model.fit from the epoch after the ones in `state` (`steps` per epoch where
+    distribute.batches gives them); exits if a logged value became NaN
     or infinite, in training (TerminateOnNaN stops mid-epoch) or in validation (Checkpoints
     stops after the epoch); the checkpoints keep the epochs before. A progress bar in a
     terminal, one line per epoch when the output goes to a file. shuffle=False: the training
     datasets shuffle themselves."""
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                        initial_epoch=state.get("epochs_done", 0), callbacks=callbacks,
-                        shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    history = model.fit(train_ds, steps_per_epoch=steps, validation_data=val_ds,
+                        epochs=epochs, initial_epoch=state.get("epochs_done", 0),
+                        callbacks=callbacks, shuffle=False,
+                        verbose=1 if sys.stdout.isatty() else 2)
     checkpoints = next(c for c in callbacks if isinstance(c, Checkpoints))
     finite_loss = np.isfinite(history.history[loss_name][-1])
     broken = checkpoints.not_finite or ([] if finite_loss else [loss_name])
@@ -158,10 +161,21 @@ def fit(model, train_ds, val_ds, epochs, state, callbacks, loss_name, rate_flag)
 
 
 def main(argv=None):
-    config, mode = parse_args(argv)
-    with holding_run_lock(config.out), catching_stop_signals():
+    worker = distribute.this_worker()  # from TF_CONFIG: one chief when there is none
+    config, mode = parse_args(argv, chief=worker.chief)
+    strategy = distribute.choose_strategy(config.strategy, worker)  # before any TF work
+    distribute.check_batch_sizes(strategy, {"--batch-size": config.batch_size,
+                                            "--prior-batch-size": config.prior_batch_size})
+    continuing, run_out = mode.resume or mode.prior_only, config.out
+    if worker.count > 1 and not continuing and not (config.data or config.train_dir
+                                                    or OASIS_DEFAULT.is_dir()):
+        sys.exit("error: a cluster trains on real data that every worker sees (--data, or "
+                 "--train-dir and --val-dir, on a shared file system); the demo set is not "
+                 "built for several machines.")
+    with distribute.writable_out(run_out, worker, strategy, continuing) as config.out, \
+            holding_run_lock(config.out), catching_stop_signals():
         try:
-            train(config, mode)
+            train(config, mode, strategy)
         except dataset.DataError as error:
             sys.exit(f"error: {error}")
         except (Interrupted, KeyboardInterrupt):  # one signal, or a second one at once
@@ -169,7 +183,7 @@ def main(argv=None):
             finish_saves(config.out)  # a second signal may have stopped a commit half-way
             sys.exit(f"stopped by {stop_signal_received() or 'Ctrl-C'}: "
                      f"{saved_epochs(Path(config.out))}; the epoch in progress was dropped. "
-                     f"Resume with:\n  python train.py --resume --out {shlex.quote(config.out)}")
+                     f"Resume with:\n  python train.py --resume --out {shlex.quote(run_out)}")
 
 
 def saved_epochs(out):
@@ -180,8 +194,10 @@ def saved_epochs(out):
     return f"{done[0]} epochs of the VQ-VAE{prior} are saved in {out}"
 
 
-def train(config, mode):
-    """The whole run: the VQ-VAE (stage one), then its prior (stage two), in config.out."""
+def train(config, mode, strategy=None):
+    """The whole run: the VQ-VAE (stage one), then its prior (stage two), in config.out, under
+    a tf.distribute strategy (one device by default)."""
+    strategy = strategy or tf.distribute.get_strategy()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
@@ -213,9 +229,9 @@ def train(config, mode):
         state["finished"] = True  # all its epochs are done, or a prior is built on it
         write_json(state, out / "state.json")
     if vqvae_pending:
-        train_vqvae(config, out, splits, state, precision)
+        train_vqvae(config, out, splits, state, precision, strategy)
     prior_trained = config.prior_epochs and train_prior(config, out, splits, continuing,
-                                                        mode.given)
+                                                        mode.given, strategy)
     if not (vqvae_pending or prior_trained):
         prior = " and so is its prior" if config.prior_epochs else " and it has no prior"
         sys.exit(f"error: nothing to do: the VQ-VAE in {out} is trained ({done} epochs){prior}. "
@@ -236,7 +252,7 @@ def time_is_up(limit_minutes, state):
     return bool(limit_minutes) and bool(state) and seconds > limit_minutes * 60
 
 
-def train_vqvae(config, out, splits, state, precision):
+def train_vqvae(config, out, splits, state, precision, strategy):
     """Stage one: fit the VQ-VAE; best.keras, last.keras, state.json, logs and plots."""
     resume = bool(state)
     if resume and config.epochs <= state["epochs_done"]:
@@ -255,15 +271,21 @@ def train_vqvae(config, out, splits, state, precision):
     print(f"data: {len(train_paths)} train slices in {splits['train']}, {len(val_paths)} "
           f"validation slices in {splits['validate']}; test: {splits['test']}")
     # a resumed run gets a new shuffle order, not a replay of the first epochs
-    train_ds = dataset.load_split(train_paths, config.image_size, config.batch_size,
-                                  shuffle=True, seed=config.seed + state.get("epochs_done", 0))
-    val_ds = dataset.load_split(val_paths, config.image_size, config.batch_size)
+    seed = config.seed + state.get("epochs_done", 0)
+    train_ds, steps = distribute.batches(
+        strategy, train_paths, config.batch_size, training=True,
+        make=lambda paths, batch, whole: dataset.load_split(
+            paths, config.image_size, batch, shuffle=True, seed=seed, drop_remainder=whole))
+    val_ds, _ = distribute.batches(
+        strategy, val_paths, config.batch_size,
+        make=lambda paths, batch, _: dataset.load_split(paths, config.image_size, batch))
 
-    if resume:
-        model = load_checkpoint(out / "last.keras", modules.VQVAE)
-        print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
-    else:
-        model = build_model(config, pixel_variance(train_paths, splits["train"], config))
+    with strategy.scope():  # the model, its optimizer and metrics live on every replica
+        if resume:
+            model = load_checkpoint(out / "last.keras", modules.VQVAE)
+            print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
+        else:
+            model = build_model(config, pixel_variance(train_paths, splits["train"], config))
     save_run_config(out, config, fresh=not resume, precision=precision, splits=splits,
                     model=model.get_config(), skipped_files=skipped)
     print("settings:", json.dumps({**dataclasses.asdict(config), "precision": precision}))
@@ -285,7 +307,7 @@ def train_vqvae(config, out, splits, state, precision):
         ProgressGif(gif_images, out),
         Plots(csv_path, out, draw_vqvae_curves),
         Checkpoints(out, state, log=csv_path),
-        StopOnSignal(),
+        StopOnSignal(distribute.stop_agreement(strategy)),
     ]
     started = time.time()
     if time_is_up(config.time_limit, state):
@@ -293,7 +315,7 @@ def train_vqvae(config, out, splits, state, precision):
     else:
         with dataset.naming_bad_files(train_paths + val_paths):
             fit(model, train_ds, val_ds, config.epochs, state, callbacks, "loss",
-                "--learning-rate")
+                "--learning-rate", steps)
     state["finished"] = True  # all epochs done, or the time limit reached
     write_json(state, out / "state.json")
     summary = {**state, "this_run_minutes": (time.time() - started) / 60, "precision": precision}
@@ -336,7 +358,7 @@ def prior_state_for(config, out, resume, given):
     return state
 
 
-def train_prior(config, out, splits, resume, given=frozenset()):
+def train_prior(config, out, splits, resume, given=frozenset(), strategy=None):
     """Stage two: encode the train and validation splits once with best.keras, then fit the
     PixelCNN prior on the code maps; prior_best.keras, prior_last.keras, prior_state.json.
     Returns False if there was nothing to train."""
@@ -347,8 +369,10 @@ def train_prior(config, out, splits, resume, given=frozenset()):
         return False
     resume = "epochs_done" in state
     grid, K = config.image_size // config.downsample, vqvae.codebook_size
-    prior = (load_checkpoint(out / "prior_last.keras", PixelCNNPrior) if resume
-             else build_prior(config, grid, K))
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        prior = (load_checkpoint(out / "prior_last.keras", PixelCNNPrior) if resume
+                 else build_prior(config, grid, K))
     skipped, codes = [], {}
     save_run_config(out, config, prior=prior.get_config())  # a kill while encoding keeps them
     for split in ("train", "validate"):
@@ -372,10 +396,14 @@ def train_prior(config, out, splits, resume, given=frozenset()):
     print(f"prior: {prior.count_params():,} parameters; validation baselines in bits per code: "
           + ", ".join(f"{name} {bits:.3f}" for name, bits in baselines.items()), flush=True)
 
-    train_ds = (tf.data.Dataset.from_tensor_slices(codes["train"])
-                .shuffle(len(codes["train"]), seed=config.seed + state.get("epochs_done", 0))
-                .batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
-    val_ds = tf.data.Dataset.from_tensor_slices(codes["validate"]).batch(config.prior_batch_size)
+    seed = config.seed + state.get("epochs_done", 0)
+    train_ds, steps = distribute.batches(
+        strategy, codes["train"], config.prior_batch_size, training=True,
+        make=lambda maps, batch, whole: tf.data.Dataset.from_tensor_slices(maps).shuffle(
+            len(maps), seed=seed).batch(batch, whole).prefetch(tf.data.AUTOTUNE))
+    val_ds, _ = distribute.batches(strategy, codes["validate"], config.prior_batch_size,
+                                   make=lambda maps, batch, _: tf.data.Dataset
+                                   .from_tensor_slices(maps).batch(batch))
     csv_path = out / "prior_training_log.csv"
     describe = (lambda logs: f"bits per code: train {logs['bits_per_code']:.3f}, validation "
                 f"{logs['val_bits_per_code']:.3f}")
@@ -389,13 +417,13 @@ def train_prior(config, out, splits, resume, given=frozenset()):
         Plots(csv_path, out, prior_curve_drawer(baselines)),
         Checkpoints(out, state, "prior_", "val_bits_per_code", higher_is_better=False,
                     log=csv_path),
-        StopOnSignal(),
+        StopOnSignal(distribute.stop_agreement(strategy)),
     ]
     if time_is_up(config.prior_time_limit, state):
         print(f"the prior's time limit of {config.prior_time_limit:g} min is used up.")
     else:
         fit(prior, train_ds, val_ds, config.prior_epochs, state, callbacks, "bits_per_code",
-            "--prior-learning-rate")
+            "--prior-learning-rate", steps)
     state["finished"] = True  # all epochs done, or the time limit reached
     write_json(state, out / "prior_state.json")
     summary = {**state, "baselines_bits_per_code": baselines,

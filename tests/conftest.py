@@ -8,7 +8,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
+
+# two logical CPU devices, so that tests/test_distribute.py can run a MirroredStrategy with two
+# replicas on a machine without GPUs (this must happen before TensorFlow starts its devices;
+# one-device code still runs on the first)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 
 BRAIN_SLICES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brain-slices"
 TINY = ["--image-size", "32", "--width", "8", "--code-dim", "4", "--codebook-size", "16",
