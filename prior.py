@@ -259,7 +259,9 @@ class PixelCNNPrior(keras.Model):
         k//2 + 1 rows of its vertical input and the last k//2 + 1 columns of its horizontal
         input (MaskedConv2D.step): once a row is drawn, the vertical stack runs for the next
         row only (its links depend on rows above alone); at each position the horizontal stack
-        and the head run at that one position.
+        and the head run at that one position. The layers' own weights and calls do the work, so
+        the caches hold their compute dtype (bfloat16 under mixed_bfloat16), as the whole-map
+        pass does; the logits are cast to float32 before pick.
         """
         size, width, dtype = self.grid_size, self.embed.output_dim, self.embed.compute_dtype
         depth = self.hparams["kernel_size"] // 2 + 1
