@@ -60,6 +60,23 @@ class MaskedConv2D(layers.Layer):
         x = x[:, :, :ops.shape(x)[2] + right] if right < 0 else x
         return self.conv(x)
 
+    def step(self, cache, x):
+        """One more output along the stack from a cache of the input (the sampler's way):
+
+            vertical    cache (B, k//2 + 1, w, C), x (B, 1, w, C) -> out (B, 1, w, filters)
+            horizontal  cache (B, k//2 + 1, C),    x (B, 1, C)    -> out (B, 1, filters)
+
+        x is the input at the next row (column); the cache drops its oldest one and takes x, so
+        it holds the rows (columns) the kernel reaches and the output is the one at x's row
+        (column). A zero cache is the zero padding at the top (left) edge. Type A: pass the
+        input one row (column) behind, which is how its window is shifted.
+        """
+        cache = ops.concatenate([cache[:, 1:], x], axis=1)
+        if self.stack == "horizontal":
+            return cache, self.conv(cache[:, None])[:, 0]
+        half = self.kernel_size // 2
+        return cache, self.conv(ops.pad(cache, [[0, 0], [0, 0], [half, half], [0, 0]]))
+
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "stack": self.stack, "mask_type": self.mask_type}
@@ -98,11 +115,19 @@ class GatedBlock(layers.Layer):
 
     def vertical(self, v, position):
         """-> (v' (B, h, w, F), link (B, h, w, 2F)): what the horizontal stack adds."""
-        v_pre = self.vconv(v) + self.v_position(position)
+        return self.vertical_from(self.vconv(v), position)
+
+    def vertical_from(self, conv, position):
+        """The vertical stack given vconv's output: any shape (..., 2F) that position matches."""
+        v_pre = conv + self.v_position(position)
         return gate(v_pre), self.v_to_h(v_pre) + self.h_position(position)
 
     def horizontal(self, h, link):
-        out = self.h_out(gate(self.hconv(h) + link))
+        return self.horizontal_from(self.hconv(h), h, link)
+
+    def horizontal_from(self, conv, h, link):
+        """The horizontal stack given hconv's output, its input h (..., F) and the link."""
+        out = self.h_out(gate(conv + link))
         return out if self.mask_type == "A" else h + out
 
     def get_config(self):
@@ -116,7 +141,8 @@ class PixelCNNPrior(keras.Model):
 
     codes (B, h, w) int32 -> logits (B, h, w, K) float32: embedding, one type A gated block,
     layers - 1 type B blocks, then ReLU-1x1-ReLU-1x1 to K logits. Trained by cross-entropy,
-    reported in bits per code (log2 K for a uniform guess). `sample` draws new code maps.
+    reported in bits per code (log2 K for a uniform guess). `sample` draws new code maps,
+    caching its work so that drawing a map costs about one whole-map forward pass.
     """
 
     def __init__(self, grid_size=32, codebook_size=512, width=64, layers=12, kernel_size=3,
@@ -133,9 +159,6 @@ class PixelCNNPrior(keras.Model):
                        for i in range(layers)]
         self.head = [keras.layers.Dense(width),
                      keras.layers.Dense(codebook_size, dtype="float32")]
-        # rows above r that the vertical stack reaches: k//2 + 1 for the type A layer, k//2 more
-        # per type B layer; sampling recomputes the vertical stack over just that many rows
-        self.reach = (kernel_size // 2) * layers + 1
         self.bits = keras.metrics.Mean(name="bits_per_code")
         self.build((None, grid_size, grid_size))
 
@@ -164,21 +187,13 @@ class PixelCNNPrior(keras.Model):
         h = x
         for block, link in zip(self.blocks, links):
             h = block.horizontal(h, link)
+        return self._logits(h)
+
+    def _logits(self, h):
+        """The output head: h (..., F) -> logits (..., K)."""
         for dense in self.head:
             h = dense(ops.relu(h))
         return h
-
-    def row_links(self, codes, row):
-        """The vertical stack's links for one row (each (B, 1, w, 2F)), computed only from the
-        `reach` rows above it: exactly what the full map gives, at a fraction of the cost."""
-        start = ops.maximum(row - self.reach, 0)
-        window = codes[:, start:row + 1]
-        links = self._links(self.embed(window), self.position[:, start:row + 1])
-        return [link[:, -1:] for link in links]
-
-    def row_logits(self, row_codes, links):
-        """row_codes (B, w) and that row's links -> logits (B, w, K) for the whole row."""
-        return self._head(self.embed(row_codes[:, None]), links)[:, 0]
 
     def bits_per_code(self, codes, training=False):
         """Mean cross-entropy of the codes under the model, in bits."""
@@ -209,34 +224,111 @@ class PixelCNNPrior(keras.Model):
         parallel, in raster order. Tracing takes seconds, so it is done here, once.
 
         Each step samples code (r, c) from softmax(logits / temperature) with
-        keras.random.categorical. Per row the vertical stack runs once (over `reach` rows); per
-        position only the horizontal stack and the head run, over the one row.
+        keras.random.categorical; `_raster` computes those logits with caches, at the cost of
+        one whole-map forward pass per map in all.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         generator = keras.random.SeedGenerator(seed)
-        size = self.grid_size
 
-        @tf.function
-        def draw():
-            codes = tf.zeros((count, size, size), tf.int32)
-            for r in tf.range(size):
-                links = self.row_links(codes, r)
-                row = codes[:, r]
-                for c in tf.range(size):
-                    logits = tf.cast(self.row_logits(row, links)[:, c], tf.float32)
-                    picked = keras.random.categorical(logits / temperature, 1, dtype="int32",
-                                                      seed=generator)
-                    row = tf.where(tf.range(size)[None] == c, picked, row)
-                codes = tf.where(tf.range(size)[None, :, None] == r, row[:, None], codes)
-            return codes
+        def pick(logits, r, c):
+            return keras.random.categorical(logits / temperature, 1, dtype="int32",
+                                            seed=generator)[:, 0]
 
+        draw = tf.function(lambda: self._raster(count, pick)[0])
         draw.get_concrete_function()
         return draw
 
     def sample(self, count, temperature=1.0, seed=None):
         """`count` new code maps (count, h, w) int32; see `sampler`."""
         return self.sampler(count, temperature, seed)()
+
+    def teacher_forced_logits(self, codes):
+        """codes (B, h, w) -> logits (B, h, w, K), computed the sampler's way (`_raster`), but
+        fed the given codes instead of drawn ones. Equal to self(codes): the tests check it."""
+        codes = tf.convert_to_tensor(codes, tf.int32)
+
+        def given(logits, r, c):
+            return codes[:, r, c]
+
+        return tf.function(lambda: self._raster(codes.shape[0], given, keep_logits=True)[1])()
+
+    def _raster(self, count, pick, keep_logits=False):
+        """The prior over `count` maps in raster order, each position's work done once, after
+        Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models".
+
+        pick(logits (count, K) float32, r, c) -> the codes (count,) int32 at (r, c). Returns
+        (codes (count, h, w), logits (count, h, w, K) if keep_logits else None).
+
+        Block i's vertical convolution at row r reads its input at rows r - k//2 .. r, its
+        horizontal one at (r, c) the input at columns c - k//2 .. c (the type A block's input
+        being the embedded codes one row, or one column, behind). So each block caches the last
+        k//2 + 1 rows of its vertical input and the last k//2 + 1 columns of its horizontal
+        input (MaskedConv2D.step): once a row is drawn, the vertical stack runs for the next
+        row only (its links depend on rows above alone); at each position the horizontal stack
+        and the head run at that one position. The layers' own weights and calls do the work, so
+        the caches hold their compute dtype (bfloat16 under mixed_bfloat16), as the whole-map
+        pass does; the logits are cast to float32 before pick.
+        """
+        size, width, dtype = self.grid_size, self.embed.output_dim, self.embed.compute_dtype
+        depth = self.hparams["kernel_size"] // 2 + 1
+        # a row keeps its row axis (B, 1, w, .), a position its column axis (B, 1, .): with
+        # plain (B, F) tensors TF 2.21's grappler remapper fails on the last block's
+        # MatMul + BiasAdd + Add before the head's ReLU, logs errors and optimizes nothing
+        vertical = tuple(tf.zeros((count, depth, size, width), dtype) for _ in self.blocks)
+        above = tf.zeros((count, 1, size, width), dtype)  # the embedded row r - 1: zeros at r = 0
+        rows = tf.TensorArray(tf.int32, size)
+        seen = tf.TensorArray(tf.float32, size * size)  # written (and stored) if keep_logits
+        for r in tf.range(size):
+            vertical, links = self._next_row(vertical, above, r)
+            row, seen = self._draw_row(links, pick, r, seen, keep_logits)
+            above = self.embed(row[:, None])
+            rows = rows.write(r, row)
+        codes = tf.transpose(rows.stack(), [1, 0, 2])
+        if not keep_logits:
+            return codes, None
+        logits = tf.reshape(seen.stack(), (size, size, count, self.codebook_size))
+        return codes, tf.transpose(logits, [2, 0, 1, 3])
+
+    def _next_row(self, caches, above, r):
+        """The vertical stack at row r from the blocks' caches (each (B, k//2 + 1, w, F)) and
+        the embedded row r - 1 (B, 1, w, F) -> (caches, links (B, 1, w, 2F) per block)."""
+        v, position, updated, links = above, self.position[:, r][:, None], [], []
+        for block, cache in zip(self.blocks, caches):
+            cache, conv = block.vconv.step(cache, v)
+            v, link = block.vertical_from(conv, position)
+            updated.append(cache)
+            links.append(link)
+        return tuple(updated), links
+
+    def _draw_row(self, links, pick, r, seen, keep_logits):
+        """Row r, position by position, given its links (each (B, 1, w, 2F)) -> (its codes
+        (B, w), seen with the row's logits (B, K) written at r * w + c if keep_logits)."""
+        count, size, width = links[0].shape[0], self.grid_size, self.embed.output_dim
+        caches = tuple(tf.zeros((count, self.hparams["kernel_size"] // 2 + 1, width),
+                                self.embed.compute_dtype) for _ in self.blocks)
+        left = tf.zeros((count, 1, width), self.embed.compute_dtype)  # embedded code (r, c - 1)
+        row = tf.TensorArray(tf.int32, size)
+        for c in tf.range(size):
+            caches, logits = self._next_position(caches, left, [link[:, :, c] for link in links])
+            logits = tf.cast(logits[:, 0], tf.float32)
+            code = pick(logits, r, c)
+            left = self.embed(code[:, None])
+            row = row.write(c, code)
+            if keep_logits:
+                seen = seen.write(r * size + c, logits)
+        return tf.transpose(row.stack()), seen
+
+    def _next_position(self, caches, left, links):
+        """The horizontal stack and head at (r, c) from the blocks' caches (each
+        (B, k//2 + 1, F)), the embedded code at (r, c - 1) (B, 1, F) and the links at (r, c)
+        (B, 1, 2F) -> (caches, logits (B, 1, K))."""
+        h, updated = left, []
+        for block, cache, link in zip(self.blocks, caches, links):
+            cache, conv = block.hconv.step(cache, h)
+            h = block.horizontal_from(conv, h, link)
+            updated.append(cache)
+        return tuple(updated), self._logits(h)
 
     def get_config(self):
         return {**super().get_config(), **self.hparams}

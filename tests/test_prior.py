@@ -1,4 +1,4 @@
-"""prior.py: causal masks, the row-by-row sampler, learning, sampling, saving and loading
+"""prior.py: causal masks, the cached sampler, learning, sampling, saving and loading
 (also of a .keras file saved while the prior still lived in modules.py)."""
 
 from pathlib import Path
@@ -6,7 +6,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from prior import MaskedConv2D, PixelCNNPrior
 
@@ -38,17 +37,16 @@ def test_prior_logits_depend_on_exactly_the_earlier_codes(kernel):
             assert np.all(effect[~later] == 0), f"some logits see the later code {(i, j)}"
 
 
-def test_prior_row_by_row_logits_equal_the_full_map_logits():
-    """The sampler's shortcut (vertical stack over `reach` rows, horizontal stack over one row)
-    gives exactly the logits of the whole-map forward pass, also far from the top edge."""
-    prior = make_prior(grid=12, layers=3)
-    assert prior.reach == 4
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_the_samplers_cached_logits_equal_the_full_map_logits(kernel):
+    """The sampler's caches (the last k//2 + 1 rows and columns of every block's input) give
+    exactly the logits of the whole-map forward pass at every position, also where the 3
+    layers' reach ends far from the top and left edges. Teacher forcing runs the sampler's own
+    computation (`_raster`) on given codes."""
+    prior = make_prior(grid=12, layers=3, kernel=kernel)
     codes = np.random.default_rng(2).integers(0, 10, (2, 12, 12)).astype("int32")
-    full = prior(codes).numpy()
-    for row in range(12):
-        links = prior.row_links(tf.constant(codes), tf.constant(row))
-        np.testing.assert_allclose(prior.row_logits(tf.constant(codes[:, row]), links).numpy(),
-                                   full[:, row], atol=1e-5)
+    np.testing.assert_allclose(prior.teacher_forced_logits(codes).numpy(),
+                               prior(codes).numpy(), atol=1e-5)
 
 
 def test_masked_convolution_rejects_an_unknown_mask():
