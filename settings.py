@@ -60,7 +60,8 @@ HELP = {
     "test_dir": "folder of test slices (optional; saved for predict.py)",
     "out": "output folder", "image_size": "images are fitted into this square (pixels)",
     "epochs": "epochs in all (a resumed run counts the epochs already done)",
-    "batch_size": "images per training step", "learning_rate": "Adam learning rate",
+    "batch_size": "images per training step: the global batch, split evenly across the "
+                  "replicas of a --strategy", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
                   "parts included (0: no limit; unset: none, or 5 on the demo set)",
     "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
@@ -83,7 +84,7 @@ HELP = {
     "skip_bad_files": "leave out unreadable or undecodable images, listing them in the log and "
                       "config.json, instead of stopping with an error",
     "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
-    "prior_batch_size": "code maps per prior training step",
+    "prior_batch_size": "code maps per prior training step (global, like --batch-size)",
     "prior_learning_rate": "Adam learning rate of the prior",
     "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
     "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
