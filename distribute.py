@@ -8,16 +8,18 @@ this process is, its share of the data, and where it may write.
 
 Every replica holds the same weights: gradients are summed across replicas (the models'
 train_step divide their loss by the number of replicas, so that sum is the gradient of the mean
-over the global batch), and the quantizer all-reduces its codebook statistics (modules.py).
---batch-size is the global batch, split evenly across replicas; the learning rate is not
-rescaled, so a run on 2 GPUs takes the same steps on the same batches as a run on one.
+over the global batch), and the quantizer all-reduces its codebook statistics (modules.py;
+the helpers for that, used inside a step, come first below). --batch-size is the global batch,
+split evenly across replicas; the learning rate is not rescaled, so on one machine a run on 2
+GPUs takes the same steps on the same global batches as a run on one device (less the last
+partial batch of each epoch, which training under a strategy leaves out).
 
 On several machines (the multi-worker guide's rules): the same command runs on every worker,
 each with its own TF_CONFIG; only the chief writes --out. The other workers write to temporary
 folders that are removed at the end, and read the run they continue from --out, which must
-therefore be on a file system all of them see. Each worker decodes only its own share of the
-slices; every worker gets the same number of slices (up to workers - 1 are left out per
-split), because all of them must run the same number of steps.
+therefore be on a file system all of them see. Each worker trains on its own share of the
+slices (and of the code maps), which it alone decodes; every worker gets the same number (up to
+workers - 1 are left out per split), because all of them must run the same number of steps.
 """
 
 import contextlib
@@ -58,8 +60,8 @@ def results_over_replicas(trackers):
     every replica (each replica holds only its part of a tracker's total and count; Keras sums
     the parts only when it reads them at the end of an epoch): one all-reduce per step.
 
-    On several workers each result is shaped (1,): Keras 3 reduces the outputs of a
-    multi-worker step with strategy.reduce(MEAN, axis=0), which needs an axis to reduce.
+    On several workers each result is shaped (1,): Keras 3.15 reduces the outputs of a
+    multi-worker step with strategy.reduce(MEAN, axis=0), which fails on a scalar.
     """
     context = replica_context()
     if context is None:
@@ -67,11 +69,21 @@ def results_over_replicas(trackers):
     parts = tf.stack([tf.identity(v.value) for t in trackers for v in (t.total, t.count)])
     sums = context.all_reduce(tf.distribute.ReduceOp.SUM, parts)
     means = tf.math.divide_no_nan(sums[0::2], sums[1::2])  # total / count of each tracker
-    strategy = tf.distribute.get_strategy()
-    several_workers = (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                       and strategy.extended._in_multi_worker_mode())  # Keras' own test
+    several_workers = (isinstance(tf.distribute.get_strategy(),
+                                  tf.distribute.MultiWorkerMirroredStrategy)
+                       and this_worker().count > 1)
     return {tracker.name: means[i:i + 1] if several_workers else means[i]
             for i, tracker in enumerate(trackers)}
+
+
+def never_empty(batch):
+    """batch (B, ...) -> (batch, B), with one all-zero element in place of an empty batch:
+    a replica may be handed none of the last, partial batch of a validation split, and
+    TensorFlow's CPU convolutions fail on an empty batch. The step evaluates the filler and
+    records nothing for it (count 0); every collective still runs on every replica."""
+    count = tf.shape(batch)[0]
+    filler = tf.zeros(tf.concat([[1], tf.shape(batch)[1:]], axis=0), batch.dtype)
+    return tf.cond(count > 0, lambda: batch, lambda: filler), count
 
 
 def scale_for_replicas(loss):
@@ -130,7 +142,9 @@ def check_batch_sizes(strategy, sizes):
     for flag, size in sizes.items():
         if size % replicas:
             sys.exit(f"error: {flag} {size} is the global batch and must split evenly across "
-                     f"the {replicas} replicas: give a multiple of {replicas}.")
+                     f"the {replicas} replicas: give a multiple of {replicas}, or (a resumed "
+                     f"run keeps its batch sizes) train on fewer devices: --strategy default, "
+                     f"or choose GPUs with CUDA_VISIBLE_DEVICES.")
 
 
 def all_workers_agree(strategy, flag):
@@ -151,14 +165,28 @@ def stop_agreement(strategy):
     return lambda flag: all_workers_agree(strategy, flag)
 
 
+def refuse_a_second_run(out):
+    """A new run must not start in a folder that holds one."""
+    if (Path(out) / "state.json").exists() or (Path(out) / "last.keras").exists():
+        sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
+                 f"give a new --out folder (or delete {out}) to start another.")
+
+
 @contextlib.contextmanager
 def writable_out(out, worker, strategy, continuing):
     """The folder this process writes: `out` on the chief; on any other worker a temporary
     folder, removed on exit, which starts as a copy of the run's files in `out` when the run
     continues. Every worker then follows the same steps on the same state, and only the chief's
-    files remain. The copy waits until the chief has finished what a killed run was saving."""
+    files remain. The copy is made between two barriers: after the chief has finished what a
+    killed run was saving (parse_args), before it changes anything for this run.
+
+    A new run in an `out` that holds one is refused on every worker here, before the first
+    collective, so that none is left waiting for a chief that stopped."""
+    if not continuing:
+        refuse_a_second_run(out)
     if worker.chief:
-        all_workers_agree(strategy, False)  # the other workers copy only after this point
+        all_workers_agree(strategy, False)  # barrier: the others copy now
+        all_workers_agree(strategy, False)  # barrier: they have copied
         yield out
         return
     scratch = Path(tempfile.mkdtemp(prefix=f"vqvae-worker{worker.index}-"))
@@ -167,6 +195,7 @@ def writable_out(out, worker, strategy, continuing):
         for name in RUN_FILES if continuing else ():
             if (Path(out) / name).exists():
                 shutil.copyfile(Path(out) / name, scratch / name)
+        all_workers_agree(strategy, False)
         yield str(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

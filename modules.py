@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from distribute import replica_context, results_over_replicas, scale_for_replicas, \
-    sum_over_replicas
+from distribute import never_empty, replica_context, results_over_replicas, \
+    scale_for_replicas, sum_over_replicas
 
 PACKAGE = "vqvae"
 
@@ -362,13 +362,13 @@ class VQVAE(keras.Model):
         reconstruction_loss = ops.mean((images - reconstructions) ** 2) / self.data_variance
         return reconstructions, codes, reconstruction_loss, vq_loss
 
-    def _record(self, images, codes, reconstruction_loss, vq_loss):
-        """Update the trackers, each value weighted by the images it was measured on, so that
-        a tracker holds the mean over images however the batches were split across replicas
-        (under a strategy it sums every replica's part on reading). A replica handed no images
-        of a last, partial batch adds nothing (its mean over zero images would be NaN)."""
-        weight = ops.cast(ops.shape(images)[0], "float32")
-        perplexity, usage = code_statistics(codes, self.codebook_size)
+    def _record(self, count, codes, reconstruction_loss, vq_loss):
+        """Update the trackers with the values of a batch of `count` images, each weighted by
+        `count`, so that a tracker holds the mean over images however the batches were split
+        across replicas (under a strategy it sums every replica's part on reading). A replica
+        handed no images of a last, partial batch adds nothing."""
+        weight = ops.cast(count, "float32")
+        perplexity, usage = code_statistics(codes[:count], self.codebook_size)
         values = {"loss": reconstruction_loss + vq_loss, "reconstruction_loss": reconstruction_loss,
                   "vq_loss": vq_loss, "perplexity": perplexity, "codebook_usage": usage}
         for name, value in values.items():
@@ -382,15 +382,16 @@ class VQVAE(keras.Model):
             loss = scale_for_replicas(reconstruction_loss + vq_loss)
         gradients = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        names = self._record(images, codes, reconstruction_loss, vq_loss)
+        names = self._record(ops.shape(images)[0], codes, reconstruction_loss, vq_loss)
         return results_over_replicas([self.trackers[name] for name in names])
 
     def test_step(self, images):
+        images, count = never_empty(images)
         reconstructions, codes, reconstruction_loss, vq_loss = self._loss_terms(images, False)
-        names = self._record(images, codes, reconstruction_loss, vq_loss)
+        names = self._record(count, codes, reconstruction_loss, vq_loss)
         ssim, psnr = image_quality(images, ops.clip(reconstructions, 0.0, 1.0))
-        self.trackers["ssim"].update_state(ssim)
-        self.trackers["psnr"].update_state(psnr)
+        self.trackers["ssim"].update_state(ssim[:count])
+        self.trackers["psnr"].update_state(psnr[:count])
         return results_over_replicas([self.trackers[name] for name in names + ["ssim", "psnr"]])
 
     def get_config(self):

@@ -290,7 +290,8 @@ def catching_stop_signals():
         _stop_signals.append(signal.Signals(signum).name)
         # os.write, not print: a handler may run in the middle of another print
         os.write(2, f"\n{_stop_signals[0]} received: stopping at the next batch and dropping "
-                    f"the epoch in progress (send it again to stop at once).\n".encode())
+                    f"the epoch in progress (on a cluster of workers: at the end of this "
+                    f"epoch, all together); send it again to stop at once.\n".encode())
 
     _stop_signals.clear()
     previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}

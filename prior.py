@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from distribute import results_over_replicas, scale_for_replicas
+from distribute import never_empty, results_over_replicas, scale_for_replicas
 from modules import PACKAGE
 
 
@@ -207,15 +207,16 @@ class PixelCNNPrior(keras.Model):
             scaled = scale_for_replicas(loss)  # the optimizer sums the replicas' gradients
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        return self._record(codes, loss)
+        return self._record(ops.shape(codes)[0], loss)
 
     def test_step(self, codes):
-        return self._record(codes, self.bits_per_code(codes))
+        codes, count = never_empty(codes)
+        return self._record(count, self.bits_per_code(codes))
 
-    def _record(self, codes, bits):
-        """Weigh by code maps, so the result is the mean over maps however batches were split
-        across replicas; a replica handed no maps adds nothing (its mean would be NaN)."""
-        maps = ops.cast(ops.shape(codes)[0], "float32")
+    def _record(self, count, bits):
+        """Weigh by the `count` code maps of the batch, so the result is the mean over maps
+        however batches were split across replicas; a replica handed none adds nothing."""
+        maps = ops.cast(count, "float32")
         self.bits.update_state(ops.where(maps > 0, bits, 0.0), sample_weight=maps)
         return results_over_replicas([self.bits])
 

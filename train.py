@@ -164,8 +164,8 @@ def main(argv=None):
     worker = distribute.this_worker()  # from TF_CONFIG: one chief when there is none
     config, mode = parse_args(argv, chief=worker.chief)
     strategy = distribute.choose_strategy(config.strategy, worker)  # before any TF work
-    distribute.check_batch_sizes(strategy, {"--batch-size": config.batch_size,
-                                            "--prior-batch-size": config.prior_batch_size})
+    distribute.check_batch_sizes(strategy, {"--batch-size": config.batch_size} | (
+        {"--prior-batch-size": config.prior_batch_size} if config.prior_epochs else {}))
     continuing, run_out = mode.resume or mode.prior_only, config.out
     if worker.count > 1 and not continuing and not (config.data or config.train_dir
                                                     or OASIS_DEFAULT.is_dir()):
@@ -178,12 +178,12 @@ def main(argv=None):
             train(config, mode, strategy)
         except dataset.DataError as error:
             sys.exit(f"error: {error}")
-        except (Interrupted, KeyboardInterrupt):  # one signal, or a second one at once
+        except (Interrupted, KeyboardInterrupt) as stop:  # a signal, or a second one at once
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third must not cut this message
             finish_saves(config.out)  # a second signal may have stopped a commit half-way
-            sys.exit(f"stopped by {stop_signal_received() or 'Ctrl-C'}: "
-                     f"{saved_epochs(Path(config.out))}; the epoch in progress was dropped. "
-                     f"Resume with:\n  python train.py --resume --out {shlex.quote(run_out)}")
+            sys.exit(f"stopped by {str(stop) or 'Ctrl-C'}: {saved_epochs(Path(run_out))}; "
+                     f"the epoch in progress was dropped. Resume with:\n"
+                     f"  python train.py --resume --out {shlex.quote(run_out)}")
 
 
 def saved_epochs(out):
@@ -206,9 +206,8 @@ def train(config, mode, strategy=None):
     remove_leftovers(out)  # what a killed run was writing: finished if committed, else deleted
     continuing = mode.resume or mode.prior_only
     state = read_json(out / "state.json") if (out / "state.json").exists() else {}
-    if not continuing and (state or (out / "last.keras").exists()):
-        sys.exit(f"error: {out} already holds a training run: continue it with --resume, or "
-                 f"give a new --out folder (or delete {out}) to start another.")
+    if not continuing:
+        distribute.refuse_a_second_run(out)
     if not state and (out / "last.keras").exists():
         sys.exit(f"error: {out} holds last.keras but not its state.json (deleted or lost?): "
                  f"restore {out / 'state.json'}, or start a new run in another --out.")
@@ -298,6 +297,7 @@ def train_vqvae(config, out, splits, state, precision, strategy):
                 f"perplexity {logs['val_perplexity']:.0f}, codebook usage "
                 f"{logs['val_codebook_usage']:.0%}")
     gif_images = dataset.fixed_batch(val_paths, config.image_size, config.progress_images)
+    # every worker of a cluster runs every callback (ProgressGif's predict is a collective)
     callbacks = [  # in this order: the epoch's log, frame and plots, then its checkpoints
         WallClock(config.epochs, config.time_limit, state.get("elapsed_minutes", 0.0) * 60,
                   describe),
@@ -381,8 +381,9 @@ def train_prior(config, out, splits, resume, given=frozenset(), strategy=None):
         with dataset.naming_bad_files(paths):
             codes[split] = vqvae.encode_all(dataset.load_split(paths, config.image_size, 64))
         crash_point("prior encoded " + split)
-        if stop_signal_received():  # encoding takes minutes: do not wait for the first batch
-            raise Interrupted(stop_signal_received())
+        # encoding takes minutes: do not wait for the first batch (on a cluster: all together)
+        if distribute.all_workers_agree(strategy, bool(stop_signal_received())):
+            raise Interrupted(stop_signal_received() or "a signal to another worker")
     if skipped:
         known = read_run_config(out / "config.json").get("skipped_files", [])
         save_run_config(out, config, skipped_files=sorted(set(known + skipped)))

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -58,7 +59,7 @@ def test_replicas_hold_identical_weights_and_codebooks_after_training(two_replic
     batch and restarts codes from its own vectors, and the copies drift apart."""
     strategy = two_replicas
     with strategy.scope():
-        model = tiny_vqvae()
+        model = tiny_vqvae(dead_code_steps=1000)  # few restarts, which would hide the drift
     model.fit(tf.data.Dataset.from_tensor_slices(images(48)).batch(8), epochs=2, verbose=0)
     for variable in model.weights:
         first, second = on_each_replica(strategy, variable)
@@ -94,6 +95,20 @@ def test_one_step_on_two_replicas_equals_one_step_on_one_device(two_replicas):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
 
 
+def test_validation_with_a_replica_handed_nothing_equals_one_device(two_replicas):
+    """9 slices in batches of 8: the last batch gives one replica 1 slice and the other none
+    (TensorFlow's CPU convolutions fail on an empty batch). Every value must still equal the
+    single-device one: the mean over the 9 slices, not over per-replica means."""
+    data = tf.data.Dataset.from_tensor_slices(images(9, seed=5)).batch(8)
+    single = tiny_vqvae()
+    with two_replicas.scope():
+        mirrored = tiny_vqvae()
+    results = [model.evaluate(data, verbose=0, return_dict=True) for model in (single, mirrored)]
+    assert len(results[0]) == 7
+    for name, value in results[0].items():
+        np.testing.assert_allclose(results[1][name], value, rtol=1e-5, err_msg=name)
+
+
 def test_a_restart_picks_the_same_batch_vectors_on_every_replica(two_replicas):
     """The first step restarts every code no vector chose: each replica's new code vector is
     the same, and it is one of the encoder outputs of the global batch."""
@@ -125,9 +140,10 @@ def test_a_prior_step_on_two_replicas_equals_one_on_one_device(two_replicas):
     single = tiny_prior()
     with two_replicas.scope():
         mirrored = tiny_prior()
-    logs = [prior.fit(data, validation_data=data, verbose=0).history
+    odd = tf.data.Dataset.from_tensor_slices(codes[:5]).batch(4)  # a replica gets none of 1
+    logs = [{"val": prior.evaluate(odd, verbose=0), **prior.fit(data, verbose=0).history}
             for prior in (single, mirrored)]
-    for name in ("bits_per_code", "val_bits_per_code"):
+    for name in ("bits_per_code", "val"):
         np.testing.assert_allclose(logs[1][name], logs[0][name], rtol=1e-5, err_msg=name)
     for a, b in zip(single.weights, mirrored.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
@@ -228,8 +244,9 @@ def free_ports(count):
 
 
 def start_workers(tmp_path, args, crash_at=None):
-    """Two worker processes running the same train.py command; worker 1 kills itself at
-    `crash_at` (monitor.crash_point) if given."""
+    """Two worker processes running the same train.py command, their output in files (a full
+    pipe could stall one, and with it both); worker 1 kills itself at `crash_at`
+    (monitor.crash_point) if given."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(repo=str(REPO)))
     hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
@@ -243,25 +260,28 @@ def start_workers(tmp_path, args, crash_at=None):
         env.pop("VQVAE_CRASH_AT", None)
         if crash_at and index == 1:
             env["VQVAE_CRASH_AT"] = crash_at
-        workers.append(subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path,
-                                        env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True))
+        with open(folder / "output.txt", "w") as output:
+            workers.append(subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path,
+                                            env=env, stdout=output, stderr=subprocess.STDOUT))
+        workers[-1].output = folder / "output.txt"
     return workers
 
 
 def finish(workers, timeout=300):
-    """Wait for every worker (killing all of them if one outlives the timeout: a hang must
+    """Wait for every worker, all within `timeout` seconds, else kill them all (a hang must
     fail the test, never stall CI) -> [(exit code, output)]."""
-    results = []
-    for worker in workers:
-        try:
-            output, _ = worker.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for w in workers:
-                w.kill()
-            pytest.fail(f"a worker ran past {timeout} s:\n{worker.communicate()[0][-3000:]}")
-        results.append((worker.returncode, output))
-    return results
+    deadline = time.monotonic() + timeout
+    try:
+        for worker in workers:
+            worker.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the workers ran past {timeout} s:\n"
+                    + "\n".join(w.output.read_text()[-2000:] for w in workers))
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    return [(worker.returncode, worker.output.read_text()) for worker in workers]
 
 
 def assert_workers_agree(tmp_path):
@@ -300,9 +320,11 @@ def test_a_cluster_restarted_after_a_worker_died_resumes_in_lockstep(oasis_root,
     out = tmp_path / "out"
     chief, other = start_workers(tmp_path, multiworker_command(oasis_root, out),
                                  crash_at="train batch:4")
-    assert finish([other])[0][0] == -signal.SIGKILL
-    chief.kill()
-    chief.communicate()
+    try:
+        assert finish([other])[0][0] == -signal.SIGKILL
+    finally:
+        chief.kill()
+        chief.wait()
     assert json.loads((out / "state.json").read_text())["epochs_done"] == 1
     for leftover in (tmp_path / "worker1" / "tmp").glob("vqvae-worker*"):
         shutil.rmtree(leftover)  # a killed process leaves its temporary folder behind
