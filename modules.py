@@ -200,7 +200,7 @@ class VectorQuantizer(layers.Layer):
         K = self.codebook_size
         flat = ops.stop_gradient(ops.reshape(z_e, (-1, self.code_dim)))
         flat_codes = ops.reshape(codes, (-1,))
-        counts = ops.cast(ops.bincount(flat_codes, minlength=K), "float32")
+        counts = code_counts(flat_codes, K)
         errors = ops.sum((flat - self.lookup(flat_codes)) ** 2, axis=1)  # before the EMA step
         if self.use_ema:
             self._ema_step(flat, flat_codes, counts)
@@ -239,9 +239,16 @@ class VectorQuantizer(layers.Layer):
                 "epsilon": self.epsilon, "seed": self.seed}
 
 
+def code_counts(flat_codes, codebook_size):
+    """How often each code occurs: (N,) int -> (K,) float32. A segment sum rather than
+    bincount, whose output length depends on the data, which XLA (--jit-compile on) refuses."""
+    ones = ops.ones_like(flat_codes, dtype="float32")
+    return ops.segment_sum(ones, flat_codes, num_segments=codebook_size)
+
+
 def code_statistics(codes, codebook_size):
     """Perplexity exp(H(p)) of the code histogram and the fraction of codes used at least once."""
-    counts = ops.cast(ops.bincount(ops.reshape(codes, (-1,)), minlength=codebook_size), "float32")
+    counts = code_counts(ops.reshape(codes, (-1,)), codebook_size)
     probs = counts / ops.sum(counts)
     entropy = -ops.sum(ops.where(probs > 0, probs * ops.log(ops.maximum(probs, 1e-12)), 0.0))
     return ops.exp(entropy), ops.mean(ops.cast(counts > 0, "float32"))
@@ -346,7 +353,9 @@ class VQVAE(keras.Model):
         with tf.GradientTape() as tape:
             _, codes, reconstruction_loss, vq_loss = self._loss_terms(images, training=True)
             loss = reconstruction_loss + vq_loss
-        gradients = tape.gradient(loss, self.trainable_variables)
+            # x loss scale under mixed_float16 (the LossScaleOptimizer unscales); else x 1
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         names = self._record(codes, reconstruction_loss, vq_loss)
         return {name: self.trackers[name].result() for name in names}

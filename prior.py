@@ -188,7 +188,8 @@ class PixelCNNPrior(keras.Model):
     def train_step(self, codes):
         with tf.GradientTape() as tape:
             loss = self.bits_per_code(codes, training=True)
-        gradients = tape.gradient(loss, self.trainable_variables)
+            scaled_loss = self.optimizer.scale_loss(loss)  # for mixed_float16, as in VQVAE
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         self.bits.update_state(loss, sample_weight=ops.shape(codes)[0])  # weigh by maps
         return {"bits_per_code": self.bits.result()}
