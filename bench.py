@@ -24,10 +24,10 @@ sections run from the lightest up) or the GPU allocator's peak within each secti
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -123,20 +123,27 @@ class ReferenceVQVAE(keras.Model):
         return {"loss": self.loss_tracker.result()}
 
 
-def build(kind, config, precision, data_variance=1 / 12):
-    """A compiled fresh model under the dtype policy `precision`: ours ('ours', through
-    train.build_model, the one way train.py builds it) or the reference ('reference')."""
+@contextlib.contextmanager
+def policy(precision):
+    """Models built inside take the dtype policy `precision` (as train.py's do)."""
     keras.mixed_precision.set_global_policy(precision)
     try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def build(kind, config, precision, data_variance=1 / 12):
+    """A compiled fresh model in `precision`: ours ('ours', by train.build_model, the one way
+    train.py builds it) or the reference ('reference')."""
+    with policy(precision):
         if kind == "ours":
             return train.build_model(config, data_variance)
         model = ReferenceVQVAE(data_variance)
         model.build((None, config.image_size, config.image_size, 1))
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                      jit_compile=train.use_xla(config.jit_compile))
-        return model
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  jit_compile=train.use_xla(config.jit_compile))
+    return model
 
 
 def fit_step(model, batch=None):
@@ -166,16 +173,6 @@ def count_flops(fn, *specs):
     return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
 
 
-def step_seconds(step, count):
-    """Seconds of each of `count` calls of step()."""
-    times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def alternate(steps, bursts, per_burst):
     """Time the callables in `steps` {name: step} in turns, `per_burst` calls each, `bursts`
     times, after two warm-up calls each -> {name: [median seconds per call of each burst]}."""
@@ -184,7 +181,12 @@ def alternate(steps, bursts, per_burst):
     medians = {name: [] for name in steps}
     for _ in range(bursts):
         for name, step in steps.items():
-            medians[name].append(statistics.median(step_seconds(step, per_burst)))
+            times = []
+            for _ in range(per_burst):
+                started = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - started)
+            medians[name].append(statistics.median(times))
     return medians
 
 
@@ -217,9 +219,7 @@ def peak_flops(dtype, tiny):
     return {name: flops / min(times[name]) / 1e9 for name, (_, flops) in work.items()}
 
 
-def compute_dtype(precision):
-    return {"float32": "float32", "mixed_bfloat16": "bfloat16",
-            "mixed_float16": "float16"}[precision]
+COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
 def bench_training(config, precisions, batch, peaks, bursts, per_burst):
@@ -235,7 +235,7 @@ def bench_training(config, precisions, batch, peaks, bursts, per_burst):
     for (kind, precision), medians in times.items():
         seconds, per_image = statistics.median(medians), flops[kind, precision] / len(batch)
         achieved = flops[kind, precision] / seconds / 1e9
-        peak = peaks[compute_dtype(precision)]
+        peak = peaks[COMPUTE_DTYPE[precision]]
         results[f"{kind} {precision}"] = {
             "images_per_s": len(batch) / seconds, "ms_per_step": 1000 * seconds,
             "burst_ms": [1000 * m for m in medians], "gflop_per_image": per_image / 1e9,
@@ -272,9 +272,8 @@ def bench_inference(config, precision, batch, bursts, per_burst):
 def bench_prior(config, precision, bursts, per_burst):
     """Prior training steps at the config's grid, in code maps/s."""
     grid = config.image_size // config.downsample
-    keras.mixed_precision.set_global_policy(precision)
-    prior = train.build_prior(config, grid, config.codebook_size)
-    keras.mixed_precision.set_global_policy("float32")
+    with policy(precision):
+        prior = train.build_prior(config, grid, config.codebook_size)
     codes = tf.random.uniform((config.prior_batch_size, grid, grid), 0, config.codebook_size,
                               tf.int32)
     times = alternate({"prior": fit_step(prior, codes)}, bursts, per_burst)["prior"]
@@ -287,10 +286,9 @@ def bench_sampling(config, precision, count, downsample):
     of the matching grid -> new slices/s, sampling and decoding. One call: at 64x64 a call
     takes minutes on a CPU."""
     grid = config.image_size // downsample
-    keras.mixed_precision.set_global_policy(precision)
-    prior = train.build_prior(config, grid, config.codebook_size)
-    vqvae = train.build_model(dataclasses.replace(config, downsample=downsample), 1 / 12)
-    keras.mixed_precision.set_global_policy("float32")
+    with policy(precision):
+        prior = train.build_prior(config, grid, config.codebook_size)
+        vqvae = train.build_model(dataclasses.replace(config, downsample=downsample), 1 / 12)
     draw = prior.sampler(count, 1.0, 0)
     vqvae.decode_all(np.zeros((1, grid, grid), "int32"))  # decoding traced once too
     started = time.perf_counter()
@@ -355,7 +353,7 @@ def environment(config, precision, tiny):
         cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                  if line.startswith("model name")]
-        device = f"CPU: {names[0] if names else platform.processor()}"
+        device = f"CPU: {names[0] if names else 'unknown'}"
     return {"device": device, "tensorflow": tf.__version__, "keras": keras.__version__,
             "precision_auto": precision, "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)),
@@ -391,14 +389,13 @@ def table(results):
         lines.append(f"{name:26s} {r['images_per_s']:9.1f} {r['ms_per_step']:9.1f} "
                      f"{r['gflop_per_image']:10.3f} {r['achieved_gflop_per_s']:9.1f} "
                      f"{r['utilisation_of_conv_peak_pct']:9.1f}")
+    spread = lambda r: f"{r['median']:.2f} (bursts {r['min']:.2f}-{r['max']:.2f})"
     for precision, r in results["ours_over_reference_speed"].items():
-        lines.append(f"ours/reference speed, {precision}: {r['median']:.2f} "
-                     f"(bursts {r['min']:.2f}-{r['max']:.2f})")
+        lines.append(f"ours/reference speed, {precision}: {spread(r)}")
     jit = results["jit_compile"]
-    lines.append(f"XLA on/off speed ({jit['precision']}): {jit['on_over_off_speed']['median']:.2f} "
-                 f"(bursts {jit['on_over_off_speed']['min']:.2f}-"
-                 f"{jit['on_over_off_speed']['max']:.2f}); on {jit['jit_on_images_per_s']:.1f}, "
-                 f"off {jit['jit_off_images_per_s']:.1f} images/s")
+    lines.append(f"XLA on/off speed ({jit['precision']}): {spread(jit['on_over_off_speed'])}; "
+                 f"on {jit['jit_on_images_per_s']:.1f}, off {jit['jit_off_images_per_s']:.1f} "
+                 f"images/s")
     for name, value in results["inference_images_per_s"].items():
         lines.append(f"{name:26s} {value:9.1f} images/s")
     share = results["validation_share"]
@@ -428,8 +425,8 @@ def parse_args(argv=None):
                         help="32x32 images, tiny models, few steps: seconds (for the tests)")
     parser.add_argument("--sample-counts", default="16",
                         help="code maps drawn at once, comma-separated (0: no sampling). "
-                             "Default 16: 256 at once takes ~2 min at 32x32 and ~15 min at "
-                             "64x64 on 2 CPU cores")
+                             "Default 16: on 2 CPU cores 256 at once took over 2 min at 32x32, "
+                             "and 16 took 1.5 min at 64x64, so 256 there would take ~20 min")
     parser.add_argument("--budgets", default="",
                         help="minutes of training, comma-separated (e.g. 5,15,30): time to "
                              "quality of ours and the reference; needs --train-dir, --val-dir")
@@ -461,7 +458,7 @@ def main(argv=None):
         return result
 
     results["peak_gflop_per_s"] = section("peaks", {
-        compute_dtype(p): peak_flops(compute_dtype(p), args.tiny) for p in precisions})
+        COMPUTE_DTYPE[p]: peak_flops(COMPUTE_DTYPE[p], args.tiny) for p in precisions})
     results["inference_images_per_s"] = section("inference", bench_inference(
         config, precision, batch, bursts, per_burst))
     results["training"], results["ours_over_reference_speed"] = section(
