@@ -207,7 +207,7 @@ class VectorQuantizer(layers.Layer):
         K = self.codebook_size
         flat = ops.stop_gradient(ops.reshape(z_e, (-1, self.code_dim)))
         flat_codes = ops.reshape(codes, (-1,))
-        counts = sum_over_replicas(ops.cast(ops.bincount(flat_codes, minlength=K), "float32"))
+        counts = sum_over_replicas(code_counts(flat_codes, K))
         errors = ops.sum((flat - self.lookup(flat_codes)) ** 2, axis=1)  # before the EMA step
         if self.use_ema:
             self._ema_step(flat, flat_codes, counts)
@@ -265,11 +265,17 @@ class VectorQuantizer(layers.Layer):
                 "epsilon": self.epsilon, "seed": self.seed}
 
 
+def code_counts(flat_codes, codebook_size):
+    """How often each code occurs: (N,) int -> (K,) float32. A segment sum rather than
+    bincount, whose output length depends on the data, which XLA (--jit-compile on) refuses."""
+    ones = ops.ones_like(flat_codes, dtype="float32")
+    return ops.segment_sum(ones, flat_codes, num_segments=codebook_size)
+
+
 def code_statistics(codes, codebook_size):
     """Perplexity exp(H(p)) of the code histogram and the fraction of codes used at least once,
     over the global batch when the step runs on several replicas."""
-    counts = ops.cast(ops.bincount(ops.reshape(codes, (-1,)), minlength=codebook_size), "float32")
-    counts = sum_over_replicas(counts)
+    counts = sum_over_replicas(code_counts(ops.reshape(codes, (-1,)), codebook_size))
     probs = counts / ops.sum(counts)
     entropy = -ops.sum(ops.where(probs > 0, probs * ops.log(ops.maximum(probs, 1e-12)), 0.0))
     return ops.exp(entropy), ops.mean(ops.cast(counts > 0, "float32"))
@@ -379,8 +385,11 @@ class VQVAE(keras.Model):
     def train_step(self, images):
         with tf.GradientTape() as tape:
             _, codes, reconstruction_loss, vq_loss = self._loss_terms(images, training=True)
-            loss = scale_for_replicas(reconstruction_loss + vq_loss)
-        gradients = tape.gradient(loss, self.trainable_variables)
+            loss = reconstruction_loss + vq_loss
+            # / replicas (the optimizer sums their gradients); x loss scale under
+            # mixed_float16 (the LossScaleOptimizer unscales), else x 1
+            scaled_loss = self.optimizer.scale_loss(scale_for_replicas(loss))
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         names = self._record(ops.shape(images)[0], codes, reconstruction_loss, vq_loss)
         return results_over_replicas([self.trackers[name] for name in names])

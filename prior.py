@@ -204,8 +204,9 @@ class PixelCNNPrior(keras.Model):
     def train_step(self, codes):
         with tf.GradientTape() as tape:
             loss = self.bits_per_code(codes, training=True)
-            scaled = scale_for_replicas(loss)  # the optimizer sums the replicas' gradients
-        gradients = tape.gradient(scaled, self.trainable_variables)
+            # / replicas (the optimizer sums their gradients); x loss scale for mixed_float16
+            scaled_loss = self.optimizer.scale_loss(scale_for_replicas(loss))
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         return self._record(ops.shape(codes)[0], loss)
 

@@ -28,7 +28,8 @@ class Config:
     batch_size: int = 32
     learning_rate: float = 1e-3
     time_limit: float | None = None  # minutes of training; 0 = no limit; None = unset
-    precision: str = "auto"  # auto | float32 | mixed_bfloat16
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
+    jit_compile: str = "auto"  # auto | on | off: XLA for the training steps
     strategy: str = "auto"  # auto | default | mirrored | multiworker (distribute.py)
     seed: int = 0
     # model
@@ -64,7 +65,12 @@ HELP = {
                   "replicas of a --strategy", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
                   "parts included (0: no limit; unset: none, or 5 on the demo set)",
-    "precision": "auto: mixed_bfloat16 where the hardware has fast bfloat16, else float32",
+    "precision": "auto: mixed_bfloat16 on a CPU with bfloat16 instructions and on GPUs of "
+                 "compute capability 8 (Ampere) or newer, mixed_float16 (with loss scaling) on "
+                 "GPUs of capability 7, else float32",
+    "jit_compile": "compile the training steps with XLA; auto: off, the faster on the "
+                   "machines measured (XLA was ~3x slower on a 2-core CPU; not measured on "
+                   "GPU yet: python bench.py measures both)",
     "strategy": "tf.distribute strategy of both stages: mirrored (every GPU of this machine), "
                 "multiworker (the machines in TF_CONFIG), default (one device); auto: "
                 "multiworker if TF_CONFIG names several workers, else mirrored if there are "
@@ -90,14 +96,16 @@ HELP = {
     "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
-CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16"], "codebook": ["ema", "loss"],
+CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+           "codebook": ["ema", "loss"], "jit_compile": ["auto", "on", "off"],
            "strategy": ["auto", "default", "mirrored", "multiworker"]}
 # settings that runs saved before they existed lack; such a run reads them at these values
-ADDED_LATER = {"skip_bad_files": False, "strategy": "auto"}
-RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit", "skip_bad_files",
-             "strategy")
+ADDED_LATER = {"skip_bad_files": False, "jit_compile": "auto", "strategy": "auto"}
+# jit_compile and strategy change how the steps run, not the model: a resumed run may switch
+RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit",
+             "skip_bad_files", "jit_compile", "strategy")
 PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + (
-    "out", "skip_bad_files", "strategy")
+    "out", "skip_bad_files", "jit_compile", "strategy")
 
 
 def parse_args(argv=None, chief=True):

@@ -106,15 +106,29 @@ def pixel_variance(paths, folder, config):
 
 
 def choose_precision(choice):
+    """The Keras dtype policy for --precision: `auto` picks the fastest that keeps training
+    stable. GPUs: bfloat16 from compute capability 8 (Ampere) on; float16 tensor cores from 7,
+    where float16's narrow range needs loss scaling (compile wraps the optimizer in a
+    LossScaleOptimizer under mixed_float16, and the train steps scale their loss); float32
+    below. CPUs: bfloat16 where the instructions exist (AVX512_BF16 or AMX)."""
     if choice != "auto":
         return choice
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability",
                                                                        (0, 0))[0]
-        return "mixed_bfloat16" if major >= 8 else "float32"
+        return ("mixed_bfloat16" if major >= 8 else "mixed_float16" if major >= 7
+                else "float32")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def use_xla(choice):
+    """--jit-compile -> compile's jit_compile. `auto` is off everywhere: XLA made the keras.io
+    VQ-VAE ~3x slower on a 2-core CPU (../shared/reference/measurements.md; bench.py measures
+    it again), and it has not been measured on a GPU, so it stays off there until bench.py
+    shows it faster."""
+    return choice == "on"
 
 
 def build_model(config, data_variance):
@@ -125,9 +139,8 @@ def build_model(config, data_variance):
         codebook_size=config.codebook_size, beta=config.beta,
         use_ema=config.codebook == "ema", ema_decay=config.ema_decay,
         dead_code_steps=config.dead_code_steps, data_variance=data_variance, seed=config.seed)
-    # XLA stays off: it made the keras.io VQ-VAE ~3x slower on a 2-core CPU
-    # (../shared/reference/measurements.md).
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  jit_compile=use_xla(config.jit_compile))
     return model
 
 
@@ -136,7 +149,8 @@ def build_prior(config, grid_size, codebook_size):
     prior = PixelCNNPrior(grid_size=grid_size, codebook_size=codebook_size,
                                   width=config.prior_width, layers=config.prior_layers,
                                   kernel_size=config.prior_kernel)
-    prior.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate), jit_compile=False)
+    prior.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate),
+                  jit_compile=use_xla(config.jit_compile))
     return prior
 
 
@@ -282,6 +296,7 @@ def train_vqvae(config, out, splits, state, precision, strategy):
     with strategy.scope():  # the model, its optimizer and metrics live on every replica
         if resume:
             model = load_checkpoint(out / "last.keras", modules.VQVAE)
+            model.jit_compile = use_xla(config.jit_compile)  # the file has the saved run's
             print(f"resuming after epoch {state['epochs_done']} from {out / 'last.keras'}")
         else:
             model = build_model(config, pixel_variance(train_paths, splits["train"], config))
@@ -373,6 +388,7 @@ def train_prior(config, out, splits, resume, given=frozenset(), strategy=None):
     with strategy.scope():
         prior = (load_checkpoint(out / "prior_last.keras", PixelCNNPrior) if resume
                  else build_prior(config, grid, K))
+    prior.jit_compile = use_xla(config.jit_compile)  # a resumed one has its saved run's
     skipped, codes = [], {}
     save_run_config(out, config, prior=prior.get_config())  # a kill while encoding keeps them
     for split in ("train", "validate"):

@@ -199,7 +199,8 @@ def test_vqvae_saves_and_loads_as_keras_file_with_codebook_state(tmp_path):
 
 
 @pytest.mark.parametrize("use_ema, precision", [(True, "float32"), (False, "float32"),
-                                                 (True, "mixed_bfloat16")])
+                                                 (True, "mixed_bfloat16"),
+                                                 (True, "mixed_float16")])
 def test_training_teaches_encoder_codebook_and_decoder(use_ema, precision):
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(precision)

@@ -79,3 +79,28 @@ def test_a_config_json_from_another_version_or_edited_is_refused(trained_run, tm
     with pytest.raises(SystemExit, match=f"config.json was written by another version .*"
                                          f"{message}"):
         train.main(["--resume", "--epochs", "3", "--out", str(out)])
+
+
+# --- --jit-compile ----------------------------------------------------------------------------
+
+
+def test_jit_compile_takes_its_three_choices_and_auto_is_off(capsys):
+    for choice, xla in (("auto", False), ("on", True), ("off", False)):
+        config, _ = parse_args(["--jit-compile", choice])
+        assert config.jit_compile == choice and train.use_xla(choice) is xla
+    assert parse_args([])[0].jit_compile == "auto"
+    with pytest.raises(SystemExit):
+        parse_args(["--jit-compile", "yes"])
+    assert "invalid choice: 'yes'" in capsys.readouterr().err
+
+
+def test_a_config_json_saved_before_jit_compile_existed_still_resumes(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    del config["train"]["jit_compile"]
+    (out / "config.json").write_text(json.dumps(config))
+    resumed, _ = parse_args(["--resume", "--out", str(out), "--epochs", "3"])
+    assert resumed.jit_compile == "auto"
+    # it changes how steps run, not the model, so a resumed run may switch it
+    resumed, _ = parse_args(["--resume", "--out", str(out), "--jit-compile", "on"])
+    assert resumed.jit_compile == "on"

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -320,3 +321,79 @@ def test_prior_only_accepts_a_best_keras_saved_again_when_there_is_no_prior(oasi
     train.main(["--prior-only", "--prior-epochs", "1", "--out", str(out)])
     assert json.loads((out / "prior_state.json").read_text())["vqvae_sha256"] == \
         monitor.file_sha256(out / "best.keras")
+
+
+# --- precision and XLA --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability, policy", [((9, 0), "mixed_bfloat16"),
+                                                ((8, 0), "mixed_bfloat16"),
+                                                ((7, 5), "mixed_float16"),
+                                                ((6, 1), "float32")])
+def test_auto_precision_on_a_gpu_follows_its_compute_capability(monkeypatch, capability,
+                                                                policy):
+    gpu = tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [gpu] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda device: {"compute_capability": capability})
+    assert train.choose_precision("auto") == policy
+    assert train.choose_precision("float32") == "float32"  # an explicit choice stands
+
+
+def one_sgd_update(model, data):
+    """Mean |change| of the first trainable kernel in the first step that the optimizer applies,
+    with plain SGD (the update is proportional to the gradient). Under loss scaling a step whose
+    scaled gradients overflow float16 is skipped (and the scale halved): the loop waits for the
+    first applied one."""
+    model.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=False)
+    kernel = model.trainable_variables[0]
+    before = kernel.numpy().copy()
+    for _ in range(10):
+        model.fit(data, batch_size=len(data), epochs=1, verbose=0)
+        if int(model.optimizer.iterations) == 1:
+            return np.abs(kernel.numpy() - before).mean()
+    raise AssertionError("no step was applied in 10")
+
+
+def test_mixed_float16_scales_the_loss_and_keeps_codes_and_logits_float32():
+    """Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer, which unscales
+    the gradients: the train steps must scale the loss first, or the gradients would come out
+    2**15 times too small."""
+    config = Config(image_size=16, downsample=4, width=8, code_dim=4, codebook_size=8,
+                    prior_width=8, prior_layers=2, prior_kernel=3)
+    images = np.random.default_rng(3).random((8, 16, 16, 1)).astype("float32")
+    codes = np.random.default_rng(4).integers(0, 8, (8, 4, 4)).astype("int32")
+    updates = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.utils.set_random_seed(0)
+        keras.mixed_precision.set_global_policy(policy)
+        vqvae, prior = train.build_model(config, 0.1), train.build_prior(config, 4, 8)
+        for model, data in ((vqvae, images), (prior, codes)):
+            scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+            assert scaled == (policy == "mixed_float16")
+            history = model.fit(data, batch_size=4, epochs=2, verbose=0).history
+            assert all(np.all(np.isfinite(values)) for values in history.values())
+        quantizer = vqvae.quantizer
+        assert {v.dtype for v in (quantizer.codebook, quantizer.ema_sum, quantizer.ema_count)} \
+            == {"float32"}
+        assert quantizer.compute_dtype == "float32"
+        assert vqvae.encoder(images).dtype == "float32" and vqvae(images).dtype == "float32"
+        assert prior(codes).dtype == "float32"
+        keras.utils.set_random_seed(0)
+        vqvae, prior = train.build_model(config, 0.1), train.build_prior(config, 4, 8)
+        updates[policy] = one_sgd_update(vqvae, images), one_sgd_update(prior, codes)
+    assert vqvae.encoder.steps[0].compute_dtype == "float16"  # the policy did apply
+    for mixed, full in zip(updates["mixed_float16"], updates["float32"]):
+        assert 0.5 * full < mixed < 2 * full
+
+
+def test_jit_compile_on_trains_with_xla():
+    config = Config(image_size=16, width=8, code_dim=4, codebook_size=8, jit_compile="on")
+    model = train.build_model(config, 0.1)
+    assert model.jit_compile is True
+    assert train.build_model(dataclasses.replace(config, jit_compile="auto"), 0.1).jit_compile \
+        is False
+    images = np.random.default_rng(5).random((8, 16, 16, 1)).astype("float32")
+    history = model.fit(images, batch_size=8, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["loss"]))
