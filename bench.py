@@ -427,8 +427,8 @@ def parse_args(argv=None):
                         help="32x32 images, tiny models, few steps: seconds (for the tests)")
     parser.add_argument("--sample-counts", default="16",
                         help="code maps drawn at once, comma-separated (0: no sampling). "
-                             "Default 16: on 2 CPU cores 256 at once took over 2 min at 32x32, "
-                             "and 16 took 1.5 min at 64x64, so 256 there would take ~20 min")
+                             "Default 16: on 2 CPU cores 16 at 64x64 take ~10 s, so 256 "
+                             "there would take minutes")
     parser.add_argument("--budgets", default="",
                         help="minutes of training, comma-separated (e.g. 5,15,30): time to "
                              "quality of ours and the reference; needs --train-dir, --val-dir")
