@@ -236,19 +236,12 @@ def time_to_quality(config, budgets, train_dir, val_dir, steps_per_turn=20):
     clip(model(x)) by modules.image_quality (as VQVAE's validation), with images seen so far.
     One run per model serves every budget: the learning rate is constant, so a run stopped at
     5 minutes is the first 5 minutes of the 30-minute run."""
-    paths = {name: dataset.list_images(folder) for name, folder in (("train", train_dir),
-                                                                    ("validate", val_dir))}
-    variance = train.pixel_variance(paths["train"], train_dir, config)
-    train_ds = dataset.load_split(paths["train"], config.image_size, config.batch_size,
-                                  shuffle=True, seed=config.seed)
-    val_batches = list(dataset.load_split(paths["validate"], config.image_size, 64))
-    for _ in train_ds:  # decode every slice into the dataset's cache before any clock starts
-        pass
+    slices = load_slices(config, train_dir, val_dir)
     precision = train.choose_precision(config.precision)
     runs = {}
     for kind in ("ours", "reference"):
-        model = build(kind, config, precision, variance)
-        runs[kind] = {"model": model, "step": fit_step(model), "batches": iter(train_ds.repeat()),
+        model = build(kind, config, precision, slices["variance"])
+        runs[kind] = {"model": model, "step": fit_step(model), "batches": iter(slices["train"]),
                       "seconds": 0.0, "seen": 0, "scores": []}
     limits = sorted(60 * b for b in budgets)
     while any(len(run["scores"]) < len(limits) for run in runs.values()):
@@ -262,9 +255,23 @@ def time_to_quality(config, budgets, train_dir, val_dir, steps_per_turn=20):
                 run["seconds"] += time.perf_counter() - started
                 run["seen"] += len(batch)
                 if run["seconds"] >= limits[len(run["scores"])]:
-                    run["scores"].append(score(run, val_batches))
+                    run["scores"].append(score(run, slices["validate"]))
                     break
     return {"precision": precision, **{kind: run["scores"] for kind, run in runs.items()}}
+
+
+def load_slices(config, train_dir, val_dir):
+    """{'train': endless shuffled batches (whole batches only), 'validate': a list of batches,
+    'variance': training pixel variance}, every slice decoded before any clock starts."""
+    paths = {name: dataset.list_images(folder) for name, folder in (("train", train_dir),
+                                                                    ("validate", val_dir))}
+    train_ds = dataset.load_split(paths["train"], config.image_size, config.batch_size,
+                                  shuffle=True, seed=0, drop_remainder=True)
+    for _ in train_ds:  # fill the cache
+        pass
+    return {"train": train_ds.repeat(), "variance": train.pixel_variance(
+                paths["train"], train_dir, config),
+            "validate": list(dataset.load_split(paths["validate"], config.image_size, 64))}
 
 
 def score(run, val_batches):

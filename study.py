@@ -25,7 +25,6 @@ import keras
 import tensorflow as tf
 
 import bench
-import dataset
 import train
 from settings import Config
 
@@ -42,20 +41,6 @@ VARIANTS = {
     "reference": None,
 }
 REPEATS = {"default seed 1"}  # noise estimates: never on the front
-
-
-def load_slices(config, train_dir, val_dir):
-    """{'train': endless shuffled batches (whole batches only), 'validate': a list of batches,
-    'variance': training pixel variance}, every slice decoded before any clock starts."""
-    paths = {name: dataset.list_images(folder) for name, folder in (("train", train_dir),
-                                                                    ("validate", val_dir))}
-    train_ds = dataset.load_split(paths["train"], config.image_size, config.batch_size,
-                                  shuffle=True, seed=0, drop_remainder=True)
-    for _ in train_ds:  # fill the cache
-        pass
-    return {"train": train_ds.repeat(), "variance": train.pixel_variance(
-                paths["train"], train_dir, config),
-            "validate": list(dataset.load_split(paths["validate"], config.image_size, 64))}
 
 
 def run_variant(config, overrides, slices, steps, precision):
@@ -130,7 +115,7 @@ def main(argv=None):
     args = parse_args(argv)
     config = Config(**bench.TINY) if args.tiny else Config()
     precision = train.choose_precision(config.precision)
-    slices = load_slices(config, args.train_dir, args.val_dir)
+    slices = bench.load_slices(config, args.train_dir, args.val_dir)
     results = {}
     for name in args.variants:
         results[name] = run_variant(config, VARIANTS[name], slices, args.steps, precision)
