@@ -55,6 +55,8 @@ def parse_args(argv=None):
                         help="sample N new slices from the prior instead of reconstructing")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (below 1: safer, less varied slices)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="sample each code from only its K likeliest codes (0: from all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     parser.add_argument("--skip-bad-files", action="store_true",
                         help="leave out unreadable images (listed) instead of stopping; "
@@ -71,6 +73,8 @@ def parse_args(argv=None):
         parser.error("--generate needs at least 2 slices for its metrics (or add --no-metrics)")
     if not 0 < args.temperature < 100:
         parser.error("--temperature must be a positive number below 100")
+    if args.top_k < 0:
+        parser.error("--top-k must be 0 (sample from all codes) or a number of codes")
     return args
 
 
@@ -262,13 +266,17 @@ def generate(args, prior, vqvae, config):
             sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "
                      f"{len(paths[0])}: pass another --test-dir, or --no-metrics.")
     started = time.perf_counter()
-    draw = prior.sampler(args.generate, args.temperature, args.seed)  # traced once
+    if args.top_k > prior.codebook_size:
+        sys.exit(f"error: --top-k {args.top_k} is more than the {prior.codebook_size} codes "
+                 f"of this run's codebook: use at most {prior.codebook_size}, or 0 for all.")
+    draw = prior.sampler(args.generate, args.temperature, args.seed, args.top_k)  # traced once
     traced = time.perf_counter()
     samples = vqvae.decode_all(draw().numpy())
     seconds = time.perf_counter() - traced
     save_samples(out, samples)
     report = {"checkpoint": str(Path(args.checkpoint) / "prior_best.keras"),
-              "samples": len(samples), "temperature": args.temperature, "seed": args.seed,
+              "samples": len(samples), "temperature": args.temperature,
+              "top_k": args.top_k, "seed": args.seed,
               "code_map": [prior.grid_size, prior.grid_size],
               "trace_seconds": traced - started, "seconds": seconds,
               "images_per_second": len(samples) / seconds, "device": device()}

@@ -221,19 +221,25 @@ class PixelCNNPrior(keras.Model):
         self.bits.update_state(ops.where(maps > 0, bits, 0.0), sample_weight=maps)
         return results_over_replicas([self.bits])
 
-    def sampler(self, count, temperature=1.0, seed=None):
+    def sampler(self, count, temperature=1.0, seed=None, top_k=0):
         """A traced function that draws `count` code maps (count, h, w) int32 per call, all in
         parallel, in raster order. Tracing takes seconds, so it is done here, once.
 
         Each step samples code (r, c) from softmax(logits / temperature) with
-        keras.random.categorical; `_raster` computes those logits with caches, at the cost of
-        one whole-map forward pass per map in all.
+        keras.random.categorical, over only the `top_k` likeliest codes when top_k > 0 (the
+        rest get logit -inf); `_raster` computes those logits with caches, at the cost of one
+        whole-map forward pass per map in all.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= top_k <= self.codebook_size:
+            raise ValueError(f"top_k must be 0 (off) to {self.codebook_size}, got {top_k}")
         generator = keras.random.SeedGenerator(seed)
 
         def pick(logits, r, c):
+            if top_k:  # (count, K): keep the logits at least as large as the k-th largest
+                kth = ops.top_k(logits, top_k, sorted=True)[0][:, -1:]
+                logits = ops.where(logits < kth, -math.inf, logits)
             return keras.random.categorical(logits / temperature, 1, dtype="int32",
                                             seed=generator)[:, 0]
 
@@ -241,9 +247,9 @@ class PixelCNNPrior(keras.Model):
         draw.get_concrete_function()
         return draw
 
-    def sample(self, count, temperature=1.0, seed=None):
+    def sample(self, count, temperature=1.0, seed=None, top_k=0):
         """`count` new code maps (count, h, w) int32; see `sampler`."""
-        return self.sampler(count, temperature, seed)()
+        return self.sampler(count, temperature, seed, top_k)()
 
     def teacher_forced_logits(self, codes):
         """codes (B, h, w) -> logits (B, h, w, K), computed the sampler's way (`_raster`), but

@@ -109,8 +109,19 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
 
 def test_generate_without_metrics_only_samples(trained_run, tmp_path):
     predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--no-metrics",
-                  "--out", str(tmp_path)])
-    assert "metrics" not in json.loads((tmp_path / "generation_report.json").read_text())
+                  "--top-k", "3", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "generation_report.json").read_text())
+    assert "metrics" not in report and report["top_k"] == 3
+    assert len(list(tmp_path.glob("sample_*.png"))) == 2
+
+
+def test_a_top_k_beyond_the_codebook_is_refused_with_its_size(trained_run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--top-k 100000 is more than the .* codes"):
+        predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--no-metrics",
+                      "--top-k", "100000", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        predict.main(["--generate", "2", "--top-k", "-1"])
+    assert "--top-k must be 0" in capsys.readouterr().err
 
 
 def test_generate_without_a_prior_says_how_to_train_one(trained_run, tmp_path):

@@ -79,6 +79,21 @@ def test_sampling_gives_codes_in_range_of_the_right_shape_reproducibly():
         prior.sample(1, temperature=0.0)
 
 
+def test_top_k_sampling_draws_only_the_k_likeliest_codes():
+    """top_k=1 is greedy: the same maps for every seed, each code the argmax of its logits
+    given the codes before it. top_k=3 draws only codes ranked 1-3 at their position."""
+    prior = make_prior(grid=5, K=9, layers=3)
+    greedy = prior.sample(4, seed=1, top_k=1).numpy()
+    np.testing.assert_array_equal(greedy, prior.sample(4, seed=2, top_k=1).numpy())
+    np.testing.assert_array_equal(greedy, prior(greedy).numpy().argmax(-1))
+    drawn = prior.sample(64, seed=3, top_k=3).numpy()
+    logits = prior(drawn).numpy()
+    rank = (logits > np.take_along_axis(logits, drawn[..., None], -1)).sum(-1)
+    assert rank.max() <= 2 and rank.max() > 0  # within the top 3, and not only the top 1
+    with pytest.raises(ValueError, match="top_k must be 0"):
+        prior.sample(1, top_k=10)
+
+
 def test_sampling_follows_what_the_prior_learned():
     """Trained on maps that are all code 2, samples at a low temperature are all code 2."""
     prior = make_prior(grid=4, K=5, layers=2)
