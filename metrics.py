@@ -120,6 +120,9 @@ def nearest_training_ssim(images, train_images, candidates=20):
     return best, index
 
 
+SECOND_FEATURE_SEED = 1000  # predict.py's second, unrelated feature network
+
+
 def feature_network(seed=0):
     """A fixed, randomly initialised CNN: (N, H, W, 1) -> (N, 192) features.
 

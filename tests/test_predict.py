@@ -98,12 +98,15 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
                                                    "test_reconstructions"}
     for stats in found["nearest_training_ssim"].values():
         assert -1 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
-    distances = found["frechet_distance"]
-    assert set(distances) == {"samples", "real_test_other_half", "test_reconstructions",
-                              "shuffled_codes"}
-    assert all(np.isfinite(d) and d > -1e-6 for d in distances.values())
+    for key in ("frechet_distance", "frechet_distance_second_cnn"):
+        distances = found[key]
+        assert set(distances) == {"samples", "real_test_other_half", "test_reconstructions",
+                                  "shuffled_codes"}
+        assert all(np.isfinite(d) and d > -1e-6 for d in distances.values())
+    assert found["frechet_distance"] != found["frechet_distance_second_cnn"]
     printed = capsys.readouterr().out
-    for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet"):
+    for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet",
+                  "a second random CNN"):
         assert words in printed
 
 
