@@ -73,13 +73,17 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 4, "validate": 2, "test": 2})
     config = Config()
     splits = train.resolve_splits(config)
-    assert "DEMO" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "DEMO" in printed and "--downsample 8 --prior-width 32 --prior-batch-size 8" in printed
     assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
     assert config.prior_time_limit == train.DEMO_PRIOR_MINUTES
     assert config.downsample == 8  # 32x32 codes, so the demo's prior learns in minutes
-    given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0"])
+    assert (config.prior_width, config.prior_batch_size) == (32, 8)  # and a faster prior
+    given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0",
+                              "--prior-width", "16"])
     train.resolve_splits(given[0], given[1].given)
-    assert given[0].downsample == 4 and given[0].prior_time_limit == 0
+    assert given[0].downsample == 4 and given[0].prior_time_limit == 0  # the user's flags win
+    assert given[0].prior_width == 16 and given[0].prior_batch_size == 8
     assert splits["train"].endswith("data/demo/keras_png_slices_train")
     assert len(dataset.list_images(splits["test"])) == 2
     assert (tmp_path / "data" / "demo" / "complete").exists()
