@@ -90,10 +90,12 @@ HELP = {
     "skip_bad_files": "leave out unreadable or undecodable images, listing them in the log and "
                       "config.json, instead of stopping with an error",
     "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
-    "prior_batch_size": "code maps per prior training step (global, like --batch-size)",
+    "prior_batch_size": "code maps per prior training step (global, like --batch-size; the "
+                        "demo set uses 8 unless given)",
     "prior_learning_rate": "Adam learning rate of the prior",
     "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
-    "prior_width": "channels of each prior stack", "prior_layers": "gated layers of the prior",
+    "prior_width": "channels of each prior stack (the demo set uses 32 unless given)",
+    "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
 CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
