@@ -56,7 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (below 1: safer, less varied slices)")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
-                        help="sample each code from only its K likeliest codes (0: from all)")
+                        help="with --generate: sample each code from only its K likeliest codes "
+                             "(and any tied with the K-th; 0: from all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     parser.add_argument("--skip-bad-files", action="store_true",
                         help="leave out unreadable images (listed) instead of stopping; "
@@ -254,6 +255,9 @@ def evaluate(args, model, config):
 
 def generate(args, prior, vqvae, config):
     """Sample --generate code maps, decode them, save them; then measure them (metrics.py)."""
+    if args.top_k > prior.codebook_size:
+        sys.exit(f"error: --top-k {args.top_k} is more than the {prior.codebook_size} codes "
+                 f"of this run's codebook: use at most {prior.codebook_size}, or 0 for all.")
     out = Path(args.out or Path(args.checkpoint) / "generate")
     out.mkdir(parents=True, exist_ok=True)
     paths = None  # listed (and checked) before minutes of sampling, not after
@@ -266,9 +270,6 @@ def generate(args, prior, vqvae, config):
             sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "
                      f"{len(paths[0])}: pass another --test-dir, or --no-metrics.")
     started = time.perf_counter()
-    if args.top_k > prior.codebook_size:
-        sys.exit(f"error: --top-k {args.top_k} is more than the {prior.codebook_size} codes "
-                 f"of this run's codebook: use at most {prior.codebook_size}, or 0 for all.")
     draw = prior.sampler(args.generate, args.temperature, args.seed, args.top_k)  # traced once
     traced = time.perf_counter()
     samples = vqvae.decode_all(draw().numpy())

@@ -69,7 +69,9 @@ def resolve_splits(config, given=()):
         if config.prior_time_limit is None:
             config.prior_time_limit = DEMO_PRIOR_MINUTES
         for name, value in DEMO_MODEL.items():
-            if name not in given and not (name == "downsample" and config.image_size % value):
+            if name == "downsample" and config.image_size % value:
+                continue  # an --image-size that 8 does not divide keeps the default grid
+            if name not in given:
                 setattr(config, name, value)
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
                          for name in DEMO_MODEL)
@@ -237,6 +239,8 @@ def train(config, mode, strategy=None):
     # a resumed run reads the very folders it was trained on
     splits = (read_run_config(out / "config.json")["splits"] if continuing
               else resolve_splits(config, mode.given))
+    if not continuing and config.prior_epochs:  # the demo may have changed the prior's batch
+        distribute.check_batch_sizes(strategy, {"--prior-batch-size": config.prior_batch_size})
     # the VQ-VAE trains if it is new, cut short, or asked for more epochs or time
     more_asked = "epochs" in mode.given or ("time_limit" in mode.given
                                             and not time_is_up(config.time_limit, state))
