@@ -39,11 +39,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import dataset  # noqa: E402
-import modules  # noqa: E402
 import train  # noqa: E402
 from reference import ReferenceVQVAE  # noqa: E402
-from settings import Config  # noqa: E402
+from settings import purpose_config  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # the v1 profiler's deprecation notes, retracing notes
 
@@ -229,58 +227,6 @@ def bench_sampling(config, precision, count, downsample):
             "decode_s": done - sampled, "slices_per_s": count / (done - started)}
 
 
-def time_to_quality(config, budgets, train_dir, val_dir, steps_per_turn=20):
-    """Train ours and the reference from scratch, taking turns of `steps_per_turn` steps so
-    that drift hits both alike, each on its own clock (training steps only). When a model's
-    clock passes a budget it is scored on the whole validation split: mean SSIM and PSNR of
-    clip(model(x)) by modules.image_quality (as VQVAE's validation), with images seen so far.
-    One run per model serves every budget: the learning rate is constant, so a run stopped at
-    5 minutes is the first 5 minutes of the 30-minute run."""
-    slices = load_slices(config, train_dir, val_dir)
-    precision = train.choose_precision(config.precision)
-    runs = {}
-    for kind in ("ours", "reference"):
-        model = build(kind, config, precision, slices["variance"])
-        runs[kind] = {"model": model, "step": fit_step(model), "batches": iter(slices["train"]),
-                      "seconds": 0.0, "seen": 0, "scores": []}
-    limits = sorted(60 * b for b in budgets)
-    while any(len(run["scores"]) < len(limits) for run in runs.values()):
-        for kind, run in runs.items():
-            if len(run["scores"]) == len(limits):
-                continue
-            for _ in range(steps_per_turn):
-                batch = next(run["batches"])
-                started = time.perf_counter()
-                run["step"](batch)
-                run["seconds"] += time.perf_counter() - started
-                run["seen"] += len(batch)
-                if run["seconds"] >= limits[len(run["scores"])]:
-                    run["scores"].append(score(run, slices["validate"]))
-                    break
-    return {"precision": precision, **{kind: run["scores"] for kind, run in runs.items()}}
-
-
-def load_slices(config, train_dir, val_dir):
-    """{'train': endless shuffled batches (whole batches only), 'validate': a list of batches,
-    'variance': training pixel variance}, every slice decoded before any clock starts."""
-    paths = {name: dataset.list_images(folder) for name, folder in (("train", train_dir),
-                                                                    ("validate", val_dir))}
-    train_ds = dataset.load_split(paths["train"], config.image_size, config.batch_size,
-                                  shuffle=True, seed=0, drop_remainder=True)
-    for _ in train_ds:  # fill the cache
-        pass
-    return {"train": train_ds.repeat(), "variance": train.pixel_variance(
-                paths["train"], train_dir, config),
-            "validate": list(dataset.load_split(paths["validate"], config.image_size, 64))}
-
-
-def score(run, val_batches):
-    quality = [modules.image_quality(x, run["model"](x)) for x in val_batches]
-    ssim, psnr = (np.concatenate([q[i].numpy() for q in quality]) for i in (0, 1))
-    return {"minutes": run["seconds"] / 60, "images_seen": run["seen"],
-            "ssim": float(ssim.mean()), "psnr_db": float(psnr.mean())}
-
-
 def environment(config, precision, tiny):
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -379,7 +325,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    config = Config(**TINY) if args.tiny else Config()
+    # the 64x64-grid model (the dataclass's sizes): the one the FLOP figures and study.py are about
+    config = purpose_config("reconstruct", **(TINY if args.tiny else {}))
     bursts, per_burst = (2, 2) if args.tiny else (5, 3)
     precision = train.choose_precision("auto")
     precisions = ["float32"] + ([precision] if precision != "float32" else [])
@@ -410,7 +357,8 @@ def main(argv=None):
         bench_sampling(config, precision, count, downsample)
         for downsample in (8, 4) for count in args.sample_counts])
     if args.budgets:
-        results["time_to_quality"] = section("time_to_quality", time_to_quality(
+        import study  # training to a quality is study.py's part; it imports this file
+        results["time_to_quality"] = section("time_to_quality", study.time_to_quality(
             config, args.budgets, args.train_dir, args.val_dir))
     results["memory_mib"] = memory
     print("\n".join(table(results)))

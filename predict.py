@@ -190,21 +190,27 @@ def device():
     return "GPU" if tf.config.list_physical_devices("GPU") else f"CPU ({os.cpu_count()} cores)"
 
 
-def save_samples(out, samples, columns=8):
+def save_samples(out, samples):
     """sample_NNN.png for each slice, and samples_grid.png with up to 64 of them."""
     for n, image in enumerate(samples):
         pixels = (image[..., 0] * 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(out / f"sample_{n:03d}.png")
-    shown = samples[:64]
-    rows = -(-len(shown) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False,
-                             facecolor="black")
+    save_grid(out / "samples_grid.png", samples[:64])
+
+
+def save_grid(path, images, columns=8, caption=None):
+    """Images in rows of `columns`, on black, at 1.6 inches each; the caption goes on top."""
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.3 * bool(
+        caption)), squeeze=False, facecolor="black")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image in zip(axes.flat, shown):
+    for ax, image in zip(axes.flat, images):
         ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+    if caption:
+        fig.suptitle(caption, color="white")
     fig.tight_layout(pad=0.2)
-    fig.savefig(out / "samples_grid.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -286,7 +292,8 @@ def generate(args, prior, vqvae, config):
           f"more to trace the sampler once); wrote {out}/sample_*.png and samples_grid.png",
           flush=True)
     if paths:
-        report["metrics"] = generation_metrics(args, prior, vqvae, config, samples, *paths)
+        report["metrics"] = generation_metrics(args, prior, vqvae, config, samples, *paths,
+                                               out=out)
     write_json(report, out / "generation_report.json")
     print(f"wrote {out / 'generation_report.json'}")
 
@@ -297,8 +304,10 @@ def load_images(paths, image_size, batch_size):
                                                                       batch_size)])
 
 
-def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_paths):
-    """The four measures of metrics.py, each next to its baselines, printed as a table.
+def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_paths, out):
+    """The four measures of metrics.py, each next to its baselines, printed as a table; and
+    samples_and_real.png: the first 16 samples above 16 of the real slices they are measured
+    against, at the same size.
 
     Real slices: n test slices (n = samples, at most half the test split), evenly spaced. The
     reconstructions and shuffled codes come from n *other* test slices, so that every realism
@@ -311,6 +320,10 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     picks = np.linspace(0, len(test) - 1, 2 * n).round().astype(int)
     real, other = test[picks[0::2]], test[picks[1::2]]
     samples = samples[:n]
+    shown = 16 if n >= 16 else min(n, 8)  # whole rows of samples, then of real slices
+    save_grid(out / "samples_and_real.png", np.concatenate([samples[:shown], real[:shown]]),
+              columns=min(shown, 8), caption=f"top: the first {shown} samples (not picked); bottom: {shown} real "
+                      f"test slices")
     test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // args.batch_size)))
     train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // args.batch_size)))
     other_codes = test_codes[picks[1::2]]

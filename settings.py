@@ -32,10 +32,11 @@ class Config:
     jit_compile: str = "auto"  # auto | on | off: XLA for the training steps
     strategy: str = "auto"  # auto | default | mirrored | multiworker (distribute.py)
     seed: int = 0
-    # model
-    downsample: int = 4
-    width: int = 64
-    res_blocks: int = 1
+    # model: --purpose sets the first stage's size (PURPOSES) where no flag gives it
+    purpose: str = "generate"  # generate | reconstruct
+    downsample: int = 8
+    width: int = 128
+    res_blocks: int = 2
     code_dim: int = 32
     codebook_size: int = 512
     beta: float = 0.25
@@ -77,10 +78,15 @@ HELP = {
                 "several GPUs, else default. --batch-size and --prior-batch-size stay the "
                 "global batch, split across the replicas; learning rates are not rescaled",
     "seed": "seed for weights, shuffling and the demo set",
-    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the demo "
-                  "set uses 8 unless given)",
-    "width": "channels at the latent resolution (at least 8)",
-    "res_blocks": "residual blocks at the latent resolution, in encoder and decoder",
+    "purpose": "what the model is for, which sets the three flags below unless given: "
+               "generate: a 32x32 code grid that the prior learns well on a CPU, with a wider "
+               "decoder for sharp slices (--downsample 8 --width 128 --res-blocks 2); "
+               "reconstruct: the sharpest reconstructions, from a 64x64 grid whose prior needs "
+               "hours (--downsample 4 --width 64 --res-blocks 1). README: which to choose",
+    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
+    "width": "channels at the latent resolution (at least 8; the demo set uses 64)",
+    "res_blocks": "residual blocks at the latent resolution, in encoder and decoder (the demo "
+                  "set uses 1)",
     "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
     "beta": "commitment cost",
     "codebook": "ema: exponential moving averages; loss: learned by the codebook loss",
@@ -98,14 +104,19 @@ HELP = {
     "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
-CHOICES = {"precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+CHOICES = {"purpose": ["generate", "reconstruct"],
+           "precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
            "codebook": ["ema", "loss"], "jit_compile": ["auto", "on", "off"],
            "strategy": ["auto", "default", "mirrored", "multiworker"]}
 # settings that runs saved before they existed lack; such a run reads them at these values
-ADDED_LATER = {"skip_bad_files": False, "jit_compile": "auto", "strategy": "auto"}
+ADDED_LATER = {"purpose": "reconstruct", "skip_bad_files": False, "jit_compile": "auto",
+               "strategy": "auto"}
 # jit_compile and strategy change how the steps run, not the model: a resumed run may switch
 RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit",
              "skip_bad_files", "jit_compile", "strategy")
+# the first stage each --purpose trains (README: generation, the model for the purpose)
+PURPOSES = {"generate": {"downsample": 8, "width": 128, "res_blocks": 2},
+            "reconstruct": {"downsample": 4, "width": 64, "res_blocks": 1}}
 PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + (
     "out", "skip_bad_files", "jit_compile", "strategy")
 
@@ -125,8 +136,10 @@ def parse_args(argv=None, chief=True):
             continue
         choices = CHOICES.get(field.name)
         kind = float if field.name.endswith("time_limit") else type(field.default)
-        parser.add_argument(flag, type=kind, choices=choices,
-                            help=f"{help_} (default: {field.default!r})")
+        default = (" or ".join(f"{preset[field.name]} ({purpose})" for purpose, preset
+                               in PURPOSES.items()) if field.name in PURPOSES["generate"]
+                   else repr(field.default))
+        parser.add_argument(flag, type=kind, choices=choices, help=f"{help_} (default: {default})")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run saved in --out with its saved settings: the "
                              "VQ-VAE if it was cut short (or given more --epochs), else the prior")
@@ -152,7 +165,7 @@ def parse_args(argv=None, chief=True):
                          f"settings start a new run in another --out.")
         config = Config(**{**saved, **given})
     else:
-        config = Config(**given)
+        config = Config(**{**purpose_settings(given), **given})
     check(config, parser)
     if args.prior_only and (Path(config.out) / "prior_state.json").exists():
         parser.error(f"{config.out} holds a prior already: continue it with --resume, or delete "
@@ -164,6 +177,17 @@ def parse_args(argv=None, chief=True):
     mode = argparse.Namespace(resume=args.resume, prior_only=args.prior_only,
                               given=frozenset(given))
     return config, mode
+
+
+def purpose_settings(given):
+    """The first-stage settings of the --purpose given (default generate) that no flag gives."""
+    preset = PURPOSES[given.get("purpose", Config.purpose)]
+    return {name: value for name, value in preset.items() if name not in given}
+
+
+def purpose_config(purpose, **settings):
+    """The Config of a --purpose, as train.py would build it, with `settings` on top."""
+    return Config(**{"purpose": purpose, **PURPOSES[purpose], **settings})
 
 
 def check(config, parser):

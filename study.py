@@ -1,9 +1,10 @@
 """Quality per FLOP: which VQ-VAE gets furthest for the compute it spends.
 
-Each variant of the default model, and the keras.io reference, trains from scratch on the same
-slices in the same order for the same number of images, in the precision `--precision auto`
-picks. On the way it is scored on the whole validation split (mean SSIM and PSNR of the
-clipped reconstructions, as bench.py --budgets scores), and its training FLOPs per image are
+Each variant of the 64x64-grid model (`train.py --purpose reconstruct`, "default" below), the
+32x32-grid models (`--purpose generate`, and the narrower one the demo uses) and the keras.io
+reference trains from scratch on the same slices in the same order for the same number of
+images, in the precision `--precision auto` picks. On the way it is scored on the whole validation split (mean SSIM and PSNR of the
+clipped reconstructions, as time_to_quality below scores for bench.py --budgets), and its training FLOPs per image are
 counted by TensorFlow's profiler (bench.count_flops). A variant is on the Pareto front when no
 other variant reaches at least its final SSIM with at most its FLOPs per image.
 
@@ -22,11 +23,14 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import bench
+import dataset
+import modules
 import train
-from settings import Config
+from settings import purpose_config
 
 # name -> Config fields changed from the default; None is the keras.io reference model
 VARIANTS = {
@@ -38,6 +42,8 @@ VARIANTS = {
     "2 residual blocks": {"res_blocks": 2},
     "code dim 16": {"code_dim": 16},
     "K 256": {"codebook_size": 256},
+    "32x32 grid, width 64": {"downsample": 8},
+    "32x32 grid, width 128, 2 res blocks": {"downsample": 8, "width": 128, "res_blocks": 2},
     "reference": None,
 }
 REPEATS = {"default seed 1"}  # noise estimates: never on the front
@@ -63,9 +69,61 @@ def run_variant(config, overrides, slices, steps, precision):
         run["seconds"] += time.perf_counter() - started
         run["seen"] += len(batch)
         if i in checkpoints:
-            scores.append(bench.score(run, slices["validate"]))
+            scores.append(score(run, slices["validate"]))
     return {"overrides": overrides, "gflop_per_image": flops / 1e9,
             "parameters": model.count_params(), "scores": scores}
+
+
+def time_to_quality(config, budgets, train_dir, val_dir, steps_per_turn=20):
+    """Train ours and the reference from scratch, taking turns of `steps_per_turn` steps so
+    that drift hits both alike, each on its own clock (training steps only). When a model's
+    clock passes a budget it is scored on the whole validation split: mean SSIM and PSNR of
+    clip(model(x)) by modules.image_quality (as VQVAE's validation), with images seen so far.
+    One run per model serves every budget: the learning rate is constant, so a run stopped at
+    5 minutes is the first 5 minutes of the 30-minute run."""
+    slices = load_slices(config, train_dir, val_dir)
+    precision = train.choose_precision(config.precision)
+    runs = {}
+    for kind in ("ours", "reference"):
+        model = bench.build(kind, config, precision, slices["variance"])
+        runs[kind] = {"model": model, "step": bench.fit_step(model), "batches": iter(slices["train"]),
+                      "seconds": 0.0, "seen": 0, "scores": []}
+    limits = sorted(60 * b for b in budgets)
+    while any(len(run["scores"]) < len(limits) for run in runs.values()):
+        for kind, run in runs.items():
+            if len(run["scores"]) == len(limits):
+                continue
+            for _ in range(steps_per_turn):
+                batch = next(run["batches"])
+                started = time.perf_counter()
+                run["step"](batch)
+                run["seconds"] += time.perf_counter() - started
+                run["seen"] += len(batch)
+                if run["seconds"] >= limits[len(run["scores"])]:
+                    run["scores"].append(score(run, slices["validate"]))
+                    break
+    return {"precision": precision, **{kind: run["scores"] for kind, run in runs.items()}}
+
+
+def load_slices(config, train_dir, val_dir):
+    """{'train': endless shuffled batches (whole batches only), 'validate': a list of batches,
+    'variance': training pixel variance}, every slice decoded before any clock starts."""
+    paths = {name: dataset.list_images(folder) for name, folder in (("train", train_dir),
+                                                                    ("validate", val_dir))}
+    train_ds = dataset.load_split(paths["train"], config.image_size, config.batch_size,
+                                  shuffle=True, seed=0, drop_remainder=True)
+    for _ in train_ds:  # fill the cache
+        pass
+    return {"train": train_ds.repeat(), "variance": train.pixel_variance(
+                paths["train"], train_dir, config),
+            "validate": list(dataset.load_split(paths["validate"], config.image_size, 64))}
+
+
+def score(run, val_batches):
+    quality = [modules.image_quality(x, run["model"](x)) for x in val_batches]
+    ssim, psnr = (np.concatenate([q[i].numpy() for q in quality]) for i in (0, 1))
+    return {"minutes": run["seconds"] / 60, "images_seen": run["seen"],
+            "ssim": float(ssim.mean()), "psnr_db": float(psnr.mean())}
 
 
 def pareto_front(results):
@@ -113,9 +171,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    config = Config(**bench.TINY) if args.tiny else Config()
+    config = purpose_config("reconstruct", **(bench.TINY if args.tiny else {}))
     precision = train.choose_precision(config.precision)
-    slices = bench.load_slices(config, args.train_dir, args.val_dir)
+    slices = load_slices(config, args.train_dir, args.val_dir)
     results = {}
     for name in args.variants:
         results[name] = run_variant(config, VARIANTS[name], slices, args.steps, precision)

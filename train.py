@@ -46,15 +46,16 @@ from settings import parse_args, read_run_config  # noqa: E402
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
 DEMO_MINUTES, DEMO_PRIOR_MINUTES = 5.0, 4.0  # the first `python train.py`: ~10 min, 2 cores
-# sized so that the prior learns slices, not blobs, in its 4 minutes: 32x32 code maps, and a
-# narrower prior (width 32: 3x faster per map) taking 4x more, smaller steps (README: the demo)
-DEMO_MODEL = {"downsample": 8, "prior_width": 32, "prior_batch_size": 8}
+# --purpose generate sized so that the prior learns slices, not blobs, in its 4 minutes: 32x32
+# code maps from the narrower first stage, and a narrower prior (width 32: 3x faster per map)
+# taking 4x more, smaller steps (README: the demo)
+DEMO_MODEL = {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_batch_size": 8}
 
 
 def resolve_splits(config, given=()):
     """Absolute split folders {'train', 'validate', 'test'} (test may be None). With no data
     given it builds the demo set and, for the settings not in `given`, caps the demo run's
-    time and uses DEMO_MODEL, so that its prior can learn something in minutes."""
+    time and (for --purpose generate) uses DEMO_MODEL, so that its prior learns in minutes."""
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
@@ -69,12 +70,10 @@ def resolve_splits(config, given=()):
         if config.prior_time_limit is None:
             config.prior_time_limit = DEMO_PRIOR_MINUTES
         for name, value in DEMO_MODEL.items():
-            if name == "downsample" and config.image_size % value:
-                continue  # an --image-size that 8 does not divide keeps the default grid
-            if name not in given:
+            if name not in given and config.purpose == "generate":
                 setattr(config, name, value)
         flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
-                         for name in DEMO_MODEL)
+                         for name in ("purpose", "downsample", *DEMO_MODEL))
         print(f"demo run: {flags}; the VQ-VAE trains for about {config.time_limit:g} minutes "
               f"and the prior for about {config.prior_time_limit:g} (0: no limit; set these "
               f"flags, --time-limit and --prior-time-limit to change).", flush=True)

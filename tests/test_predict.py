@@ -84,6 +84,8 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     assert pixels.shape == (32, 32) and pixels.dtype == np.uint8
     assert pixels.max() > 1  # 0..255 grey levels, not the 0..1 floats cast to bytes
     assert (tmp_path / "samples_grid.png").exists()
+    beside_real = Image.open(tmp_path / "samples_and_real.png")  # 3 samples over 3 real slices
+    assert beside_real.height > beside_real.width / 3 * 1.5
     report = json.loads((tmp_path / "generation_report.json").read_text())
     assert report["samples"] == 4 and report["code_map"] == [8, 8]
     assert report["images_per_second"] > 0

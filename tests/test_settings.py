@@ -104,3 +104,31 @@ def test_a_config_json_saved_before_jit_compile_existed_still_resumes(trained_ru
     # it changes how steps run, not the model, so a resumed run may switch it
     resumed, _ = parse_args(["--resume", "--out", str(out), "--jit-compile", "on"])
     assert resumed.jit_compile == "on"
+
+
+# --- --purpose --------------------------------------------------------------------------------
+
+
+def test_purpose_sizes_the_first_stage_and_given_flags_win():
+    generate, _ = parse_args([])  # no model flags: the model that generates well
+    assert generate.purpose == "generate"
+    assert (generate.downsample, generate.width, generate.res_blocks) == (8, 128, 2)
+    sharp, _ = parse_args(["--purpose", "reconstruct"])
+    assert (sharp.downsample, sharp.width, sharp.res_blocks) == (4, 64, 1)
+    mixed, _ = parse_args(["--width", "32", "--res-blocks", "0"])
+    assert (mixed.downsample, mixed.width, mixed.res_blocks) == (8, 32, 0)
+    odd, _ = parse_args(["--image-size", "36", "--downsample", "4"])
+    assert (odd.downsample, odd.width, odd.res_blocks) == (4, 128, 2)
+
+
+def test_a_config_json_saved_before_purpose_existed_resumes_as_it_was_built(trained_run,
+                                                                            tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    del config["train"]["purpose"]
+    (out / "config.json").write_text(json.dumps(config))
+    resumed, _ = parse_args(["--resume", "--out", str(out), "--epochs", "3"])
+    assert resumed.purpose == "reconstruct" and resumed.downsample == 4  # not re-sized
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "--out", str(out), "--purpose", "generate"])
+    assert "--purpose 'generate' (the run has 'reconstruct')" in capsys.readouterr().err

@@ -1,13 +1,16 @@
 """study.py: a tiny run trains and scores each variant on the way and counts its FLOPs; the
-Pareto front keeps exactly the undominated variants; bad flags are refused."""
+Pareto front keeps exactly the undominated variants; bad flags are refused; time to quality
+scores both models at each budget."""
 
 import json
 import math
 
 import pytest
 
+import bench
 import study
 from conftest import write_slices
+from settings import purpose_config
 
 
 def test_a_tiny_study_scores_every_variant_and_counts_its_flops(tmp_path):
@@ -52,3 +55,17 @@ def test_bad_flags_are_refused_with_the_reason(flags, message, capsys):
     with pytest.raises(SystemExit):
         study.parse_args(["--train-dir", "t", "--val-dir", "v", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_time_to_quality_scores_both_models_at_each_budget(tmp_path):
+    train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
+    val_dir = write_slices(tmp_path / "validate", 4, seed=1, size=32)
+    budgets = [0.002, 0.004]  # minutes: a few tiny steps each
+    quality = study.time_to_quality(purpose_config("reconstruct", **bench.TINY), budgets, str(train_dir), str(val_dir))
+    for kind in ("ours", "reference"):
+        scores = quality[kind]
+        assert len(scores) == 2
+        assert [s["minutes"] >= b for s, b in zip(scores, budgets)] == [True, True]
+        assert 0 < scores[0]["images_seen"] < scores[1]["images_seen"]
+        for s in scores:
+            assert -1 <= s["ssim"] <= 1 and math.isfinite(s["psnr_db"])

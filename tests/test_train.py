@@ -74,16 +74,21 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     config = Config()
     splits = train.resolve_splits(config)
     printed = capsys.readouterr().out
-    assert "DEMO" in printed and "--downsample 8 --prior-width 32 --prior-batch-size 8" in printed
+    assert "DEMO" in printed and ("--purpose generate --downsample 8 --width 64 --res-blocks 1 "
+                                  "--prior-width 32 --prior-batch-size 8") in printed
     assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
     assert config.prior_time_limit == train.DEMO_PRIOR_MINUTES
     assert config.downsample == 8  # 32x32 codes, so the demo's prior learns in minutes
+    assert (config.width, config.res_blocks) == (64, 1)  # a first stage sized for 5 minutes
     assert (config.prior_width, config.prior_batch_size) == (32, 8)  # and a faster prior
     given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0",
                               "--prior-width", "16"])
     train.resolve_splits(given[0], given[1].given)
     assert given[0].downsample == 4 and given[0].prior_time_limit == 0  # the user's flags win
     assert given[0].prior_width == 16 and given[0].prior_batch_size == 8
+    sharp = train.parse_args(["--purpose", "reconstruct"])[0]
+    train.resolve_splits(sharp, {"purpose"})  # the demo sizes only the generating model
+    assert (sharp.downsample, sharp.width, sharp.prior_width) == (4, 64, 64)
     assert splits["train"].endswith("data/demo/keras_png_slices_train")
     assert len(dataset.list_images(splits["test"])) == 2
     assert (tmp_path / "data" / "demo" / "complete").exists()
@@ -148,6 +153,19 @@ def test_the_prior_trains_after_the_vqvae_and_leaves_its_outputs(trained_run):
     assert baselines["uniform"] == 4.0 and 0 < baselines["per-position unigram"] < 8
     prior = json.loads((trained_run / "config.json").read_text())["prior"]
     assert prior["grid_size"] == 8 and prior["codebook_size"] == 16 and prior["layers"] == 2
+
+
+def test_with_no_model_flags_both_stages_train_the_generating_model(oasis_root, tmp_path):
+    no_model_flags = [flag for flag in TINY if flag not in ("--purpose", "reconstruct",
+                                                            "--width", "8")]
+    train.main(["--data", str(oasis_root), "--epochs", "1", "--prior-epochs", "1",
+                "--out", str(tmp_path), *no_model_flags])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["purpose"] == "generate"
+    assert (saved["model"]["downsample"], saved["model"]["width"],
+            saved["model"]["res_blocks"]) == (8, 128, 2)
+    assert saved["prior"]["grid_size"] == 4  # 32 px / 8
+    assert (tmp_path / "prior_best.keras").exists()
 
 
 def test_resume_of_a_finished_vqvae_continues_its_prior(trained_run, tmp_path):
