@@ -325,7 +325,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    # the 64x64-grid model (the dataclass's sizes): the one the FLOP figures and study.py are about
+    # the 64x64-grid model of --purpose reconstruct: the one the FLOP figures and study.py study
     config = purpose_config("reconstruct", **(TINY if args.tiny else {}))
     bursts, per_burst = (2, 2) if args.tiny else (5, 3)
     precision = train.choose_precision("auto")

@@ -8,7 +8,8 @@ Reconstruction writes into --out (default: <checkpoint folder>/predict): report.
 comparison_NNN.png (original | reconstruction | absolute difference), comparison_grid.png.
 Generation writes into --out (default: <checkpoint folder>/generate): sample_NNN.png,
 samples_grid.png and generation_report.json (speed, and unless --no-metrics: likelihood,
-diversity, memorisation and realism, each next to its baselines; see metrics.py).
+diversity, memorisation and realism, each next to its baselines, see metrics.py; and
+samples_and_real.png, samples above real test slices at the same size).
 """
 
 import argparse
@@ -295,7 +296,8 @@ def generate(args, prior, vqvae, config):
         report["metrics"] = generation_metrics(args, prior, vqvae, config, samples, *paths,
                                                out=out)
     write_json(report, out / "generation_report.json")
-    print(f"wrote {out / 'generation_report.json'}")
+    print(f"wrote {out / 'generation_report.json'}" + (
+        f" and {out / 'samples_and_real.png'}" if paths else ""))
 
 
 def load_images(paths, image_size, batch_size):
@@ -321,9 +323,9 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     real, other = test[picks[0::2]], test[picks[1::2]]
     samples = samples[:n]
     shown = 16 if n >= 16 else min(n, 8)  # whole rows of samples, then of real slices
-    save_grid(out / "samples_and_real.png", np.concatenate([samples[:shown], real[:shown]]),
-              columns=min(shown, 8), caption=f"top: the first {shown} samples (not picked); bottom: {shown} real "
-                      f"test slices")
+    spread = np.linspace(0, n - 1, shown).round().astype(int)  # across the whole test split
+    save_grid(out / "samples_and_real.png", np.concatenate([samples[:shown], real[spread]]),
+              columns=min(shown, 8), caption="top: samples; bottom: real")
     test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // args.batch_size)))
     train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // args.batch_size)))
     other_codes = test_codes[picks[1::2]]

@@ -79,14 +79,15 @@ HELP = {
                 "global batch, split across the replicas; learning rates are not rescaled",
     "seed": "seed for weights, shuffling and the demo set",
     "purpose": "what the model is for, which sets the three flags below unless given: "
-               "generate: a 32x32 code grid that the prior learns well on a CPU, with a wider "
-               "decoder for sharp slices (--downsample 8 --width 128 --res-blocks 2); "
+               "generate: a 32x32 code grid that the prior can learn on a CPU, from a wider "
+               "first stage (--downsample 8 --width 128 --res-blocks 2); "
                "reconstruct: the sharpest reconstructions, from a 64x64 grid whose prior needs "
                "hours (--downsample 4 --width 64 --res-blocks 1). README: which to choose",
     "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
-    "width": "channels at the latent resolution (at least 8; the demo set uses 64)",
+    "width": "channels at the latent resolution (at least 8; the demo set uses 64 unless "
+             "given, with --purpose generate)",
     "res_blocks": "residual blocks at the latent resolution, in encoder and decoder (the demo "
-                  "set uses 1)",
+                  "set uses 1 unless given, with --purpose generate)",
     "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
     "beta": "commitment cost",
     "codebook": "ema: exponential moving averages; loss: learned by the codebook loss",
@@ -97,10 +98,11 @@ HELP = {
                       "config.json, instead of stopping with an error",
     "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
     "prior_batch_size": "code maps per prior training step (global, like --batch-size; the "
-                        "demo set uses 8 unless given)",
+                        "demo set uses 8 unless given, with --purpose generate)",
     "prior_learning_rate": "Adam learning rate of the prior",
     "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
-    "prior_width": "channels of each prior stack (the demo set uses 32 unless given)",
+    "prior_width": "channels of each prior stack (the demo set uses 32 unless given, with "
+                   "--purpose generate)",
     "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
 }
@@ -109,6 +111,7 @@ CHOICES = {"purpose": ["generate", "reconstruct"],
            "codebook": ["ema", "loss"], "jit_compile": ["auto", "on", "off"],
            "strategy": ["auto", "default", "mirrored", "multiworker"]}
 # settings that runs saved before they existed lack; such a run reads them at these values
+# (purpose is only a label there: a saved run keeps the sizes it was built with)
 ADDED_LATER = {"purpose": "reconstruct", "skip_bad_files": False, "jit_compile": "auto",
                "strategy": "auto"}
 # jit_compile and strategy change how the steps run, not the model: a resumed run may switch
@@ -117,6 +120,9 @@ RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit",
 # the first stage each --purpose trains (README: generation, the model for the purpose)
 PURPOSES = {"generate": {"downsample": 8, "width": 128, "res_blocks": 2},
             "reconstruct": {"downsample": 4, "width": 64, "res_blocks": 1}}
+GRID_HINT = {"generate": "; --purpose generate uses --downsample 8 unless given: give "
+                         "--downsample 4, --purpose reconstruct, or an --image-size that 8 "
+                         "divides", "reconstruct": ""}
 PRIOR_SETTINGS = tuple(name for name in HELP if name.startswith("prior_")) + (
     "out", "skip_bad_files", "jit_compile", "strategy")
 
@@ -217,8 +223,8 @@ def check(config, parser):
                 "--image-size must be at least 16 (SSIM's 11-pixel window must fit)":
                 config.image_size < 16,
                 f"--downsample must be 2, 4, 8 or 16 and divide --image-size "
-                f"({config.image_size})": config.downsample not in (2, 4, 8, 16)
-                or config.image_size % config.downsample != 0}
+                f"({config.image_size}){GRID_HINT[config.purpose]}": config.downsample not in
+                (2, 4, 8, 16) or config.image_size % config.downsample != 0}
     for message, failed in problems.items():
         if failed:
             parser.error(message)

@@ -3,9 +3,10 @@
 Each variant of the 64x64-grid model (`train.py --purpose reconstruct`, "default" below), the
 32x32-grid models (`--purpose generate`, and the narrower one the demo uses) and the keras.io
 reference trains from scratch on the same slices in the same order for the same number of
-images, in the precision `--precision auto` picks. On the way it is scored on the whole validation split (mean SSIM and PSNR of the
-clipped reconstructions, as time_to_quality below scores for bench.py --budgets), and its training FLOPs per image are
-counted by TensorFlow's profiler (bench.count_flops). A variant is on the Pareto front when no
+images, in the precision `--precision auto` picks. On the way it is scored on the whole
+validation split (mean SSIM and PSNR of the clipped reconstructions, as time_to_quality below
+scores them for bench.py --budgets), and its training FLOPs per image are counted by
+TensorFlow's profiler (bench.count_flops). A variant is on the Pareto front when no
 other variant reaches at least its final SSIM with at most its FLOPs per image.
 
     python study.py --train-dir ../shared/data/brain-slices/train \\
@@ -32,7 +33,8 @@ import modules
 import train
 from settings import purpose_config
 
-# name -> Config fields changed from the default; None is the keras.io reference model
+# name -> Config fields changed from the 64x64-grid model ("default"); None is the keras.io
+# reference model. With --tiny, the tiny sizes apply where a variant does not set its own.
 VARIANTS = {
     "default": {},
     "default seed 1": {"seed": 1},
@@ -86,8 +88,8 @@ def time_to_quality(config, budgets, train_dir, val_dir, steps_per_turn=20):
     runs = {}
     for kind in ("ours", "reference"):
         model = bench.build(kind, config, precision, slices["variance"])
-        runs[kind] = {"model": model, "step": bench.fit_step(model), "batches": iter(slices["train"]),
-                      "seconds": 0.0, "seen": 0, "scores": []}
+        runs[kind] = {"model": model, "step": bench.fit_step(model),
+                      "batches": iter(slices["train"]), "seconds": 0.0, "seen": 0, "scores": []}
     limits = sorted(60 * b for b in budgets)
     while any(len(run["scores"]) < len(limits) for run in runs.values()):
         for kind, run in runs.items():
@@ -137,12 +139,12 @@ def pareto_front(results):
 
 
 def table(results, front):
-    lines = [f"{'variant':20s} {'GFLOP/img':>9s} {'params':>8s} {'images':>7s} {'SSIM':>7s} "
+    lines = [f"{'variant':36s} {'GFLOP/img':>9s} {'params':>8s} {'images':>7s} {'SSIM':>7s} "
              f"{'PSNR dB':>7s} {'train s':>7s}  front"]
     for name, r in results.items():
         for s in r["scores"]:
             mark = "yes" if name in front and s is r["scores"][-1] else ""
-            lines.append(f"{name:20s} {r['gflop_per_image']:9.3f} {r['parameters']:8d} "
+            lines.append(f"{name:36s} {r['gflop_per_image']:9.3f} {r['parameters']:8d} "
                          f"{s['images_seen']:7d} {s['ssim']:7.4f} {s['psnr_db']:7.2f} "
                          f"{60 * s['minutes']:7.0f}  {mark}")
     return lines

@@ -75,7 +75,7 @@ def test_the_flop_count_of_a_convolution_is_the_hand_formula(strides, padding):
     assert bench.count_flops(conv, spec) == batch * (multiply_adds + bias_adds)
 
 
-def test_the_default_training_step_counts_as_the_issue_says():
+def test_the_64x64_grid_training_step_counts_as_the_issue_says():
     """5.98 GFLOP per image for a training step of the default model at 256 px (2.09 forward):
     the figure bench.py's utilisation rests on."""
     model = bench.build("ours", purpose_config("reconstruct"), "mixed_bfloat16", data_variance=0.05)

@@ -12,6 +12,8 @@ from test_train import copy_run
 
 @pytest.mark.parametrize("argv, message", [
     (["--image-size", "30"], "--downsample must be 2, 4, 8 or 16 and divide --image-size"),
+    (["--image-size", "36"], "--purpose generate uses --downsample 8 unless given: give "
+                             "--downsample 4"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--width", "4"], "--width must be at least 8"),
     (["--ema-decay", "1.5"], "--ema-decay must be between 0 and 1"),
@@ -128,7 +130,8 @@ def test_a_config_json_saved_before_purpose_existed_resumes_as_it_was_built(trai
     del config["train"]["purpose"]
     (out / "config.json").write_text(json.dumps(config))
     resumed, _ = parse_args(["--resume", "--out", str(out), "--epochs", "3"])
-    assert resumed.purpose == "reconstruct" and resumed.downsample == 4  # not re-sized
+    assert resumed.purpose == "reconstruct"  # a label: the run keeps its sizes
+    assert (resumed.downsample, resumed.width, resumed.res_blocks) == (4, 8, 1)
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--out", str(out), "--purpose", "generate"])
     assert "--purpose 'generate' (the run has 'reconstruct')" in capsys.readouterr().err

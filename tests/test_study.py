@@ -61,7 +61,8 @@ def test_time_to_quality_scores_both_models_at_each_budget(tmp_path):
     train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
     val_dir = write_slices(tmp_path / "validate", 4, seed=1, size=32)
     budgets = [0.002, 0.004]  # minutes: a few tiny steps each
-    quality = study.time_to_quality(purpose_config("reconstruct", **bench.TINY), budgets, str(train_dir), str(val_dir))
+    config = purpose_config("reconstruct", **bench.TINY)
+    quality = study.time_to_quality(config, budgets, str(train_dir), str(val_dir))
     for kind in ("ours", "reference"):
         scores = quality[kind]
         assert len(scores) == 2

@@ -16,7 +16,7 @@ import modules
 import monitor
 import train
 from conftest import TINY, write_slices
-from settings import Config
+from settings import Config, purpose_config
 
 
 def read_log(out):
@@ -156,8 +156,8 @@ def test_the_prior_trains_after_the_vqvae_and_leaves_its_outputs(trained_run):
 
 
 def test_with_no_model_flags_both_stages_train_the_generating_model(oasis_root, tmp_path):
-    no_model_flags = [flag for flag in TINY if flag not in ("--purpose", "reconstruct",
-                                                            "--width", "8")]
+    no_model_flags = [word for flag, value in zip(TINY[::2], TINY[1::2])
+                      if flag not in ("--purpose", "--width") for word in (flag, value)]
     train.main(["--data", str(oasis_root), "--epochs", "1", "--prior-epochs", "1",
                 "--out", str(tmp_path), *no_model_flags])
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -382,8 +382,8 @@ def test_mixed_float16_scales_the_loss_and_keeps_codes_and_logits_float32():
     """Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer, which unscales
     the gradients: the train steps must scale the loss first, or the gradients would come out
     2**15 times too small."""
-    config = Config(image_size=16, downsample=4, width=8, code_dim=4, codebook_size=8,
-                    prior_width=8, prior_layers=2, prior_kernel=3)
+    config = purpose_config("reconstruct", image_size=16, width=8, code_dim=4, codebook_size=8,
+                            prior_width=8, prior_layers=2, prior_kernel=3)
     images = np.random.default_rng(3).random((8, 16, 16, 1)).astype("float32")
     codes = np.random.default_rng(4).integers(0, 8, (8, 4, 4)).astype("int32")
     updates = {}
@@ -411,7 +411,8 @@ def test_mixed_float16_scales_the_loss_and_keeps_codes_and_logits_float32():
 
 
 def test_jit_compile_on_trains_with_xla():
-    config = Config(image_size=16, width=8, code_dim=4, codebook_size=8, jit_compile="on")
+    config = purpose_config("reconstruct", image_size=16, width=8, code_dim=4, codebook_size=8,
+                            jit_compile="on")
     model = train.build_model(config, 0.1)
     assert model.jit_compile is True
     assert train.build_model(dataclasses.replace(config, jit_compile="auto"), 0.1).jit_compile \
