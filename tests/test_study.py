@@ -57,6 +57,11 @@ def test_bad_flags_are_refused_with_the_reason(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_every_variant_name_survives_the_comma_separated_flag():
+    assert study.parse_args(["--train-dir", "t", "--val-dir", "v"]).variants == list(
+        study.VARIANTS)
+
+
 def test_time_to_quality_scores_both_models_at_each_budget(tmp_path):
     train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
     val_dir = write_slices(tmp_path / "validate", 4, seed=1, size=32)
