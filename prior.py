@@ -227,8 +227,8 @@ class PixelCNNPrior(keras.Model):
 
         Each step samples code (r, c) from softmax(logits / temperature) with
         keras.random.categorical, over only the `top_k` likeliest codes when top_k > 0 (and
-        any tied with the k-th; the rest get logit -inf); `_raster` computes those logits with caches, at the cost of one
-        whole-map forward pass per map in all.
+        any tied with the k-th; the rest get logit -inf); `_raster` computes those logits with
+        caches, at the cost of one whole-map forward pass per map in all.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -171,7 +171,7 @@ def parse_args(argv=None, chief=True):
                          f"settings start a new run in another --out.")
         config = Config(**{**saved, **given})
     else:
-        config = Config(**{**purpose_settings(given), **given})
+        config = purpose_config(**{"purpose": Config.purpose, **given})
     check(config, parser)
     if args.prior_only and (Path(config.out) / "prior_state.json").exists():
         parser.error(f"{config.out} holds a prior already: continue it with --resume, or delete "
@@ -185,14 +185,9 @@ def parse_args(argv=None, chief=True):
     return config, mode
 
 
-def purpose_settings(given):
-    """The first-stage settings of the --purpose given (default generate) that no flag gives."""
-    preset = PURPOSES[given.get("purpose", Config.purpose)]
-    return {name: value for name, value in preset.items() if name not in given}
-
-
 def purpose_config(purpose, **settings):
-    """The Config of a --purpose, as train.py would build it, with `settings` on top."""
+    """The Config of a --purpose (its first-stage sizes, PURPOSES) with `settings` on top: a
+    new run's settings are its given flags over the sizes of its --purpose."""
     return Config(**{"purpose": purpose, **PURPOSES[purpose], **settings})
 
 
