@@ -87,14 +87,16 @@ class Decoder(layers.Layer):
     Stride-2 transposed convolutions double the grid up to half the image size; the last
     doubling is sub-pixel (ESPCN): a 3x3 convolution predicts the 2x2 block of output pixels
     under each position as 4 channels and depth_to_space lays them out. On CPU that is ~2x
-    cheaper than a transposed convolution to full size followed by a 1-channel convolution,
-    and it cannot make checkerboard artefacts. The output is linear and float32 under mixed
+    cheaper than a transposed convolution to full size followed by a 1-channel convolution
+    (`subpixel=False`, this decoder's design before the sub-pixel stage, kept for study.py to
+    compare), and it cannot make checkerboard artefacts. The output is linear and float32 under mixed
     precision; `VQVAE.call` clips it to [0, 1].
     """
 
-    def __init__(self, downsample=4, width=64, res_blocks=1, **kwargs):
+    def __init__(self, downsample=4, width=64, res_blocks=1, subpixel=True, **kwargs):
         super().__init__(**kwargs)
         self.downsample, self.width, self.res_blocks = downsample, width, res_blocks
+        self.subpixel = subpixel
         widths = stage_widths(width, downsample)  # finest first
         self.steps = [layers.Conv2D(width, 3, padding="same", activation="relu")]
         self.steps += [ResidualBlock(width) for _ in range(res_blocks)]
@@ -102,17 +104,24 @@ class Decoder(layers.Layer):
             layers.Conv2DTranspose(c, 3, strides=2, padding="same", activation="relu")
             for c in reversed(widths[1:])
         ]
-        self.steps.append(layers.Conv2D(widths[0], 3, padding="same", activation="relu"))
-        self.to_pixel_blocks = layers.Conv2D(4, 3, padding="same", dtype="float32")
+        if subpixel:
+            self.steps.append(layers.Conv2D(widths[0], 3, padding="same", activation="relu"))
+            self.to_pixel_blocks = layers.Conv2D(4, 3, padding="same", dtype="float32")
+        else:
+            self.steps.append(layers.Conv2DTranspose(widths[0], 3, strides=2, padding="same",
+                                                     activation="relu"))
+            self.to_image = layers.Conv2D(1, 3, padding="same", dtype="float32")
 
     def call(self, z):
         for step in self.steps:
             z = step(z)
-        return tf.nn.depth_to_space(self.to_pixel_blocks(z), 2)
+        if self.subpixel:
+            return tf.nn.depth_to_space(self.to_pixel_blocks(z), 2)
+        return self.to_image(z)
 
     def get_config(self):
         return {**super().get_config(), "downsample": self.downsample, "width": self.width,
-                "res_blocks": self.res_blocks}
+                "res_blocks": self.res_blocks, "subpixel": self.subpixel}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -306,13 +315,13 @@ class VQVAE(keras.Model):
 
     def __init__(self, image_size=256, downsample=4, width=64, res_blocks=1, code_dim=32,
                  codebook_size=512, beta=0.25, use_ema=True, ema_decay=0.99,
-                 dead_code_steps=100, data_variance=1.0, seed=None, **kwargs):
+                 dead_code_steps=100, data_variance=1.0, seed=None, subpixel=True, **kwargs):
         super().__init__(**kwargs)
         self.hparams = dict(image_size=image_size, downsample=downsample, width=width,
                             res_blocks=res_blocks, code_dim=code_dim, codebook_size=codebook_size,
                             beta=beta, use_ema=use_ema, ema_decay=ema_decay,
                             dead_code_steps=dead_code_steps, data_variance=data_variance,
-                            seed=seed)
+                            seed=seed, subpixel=subpixel)
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by downsample {downsample}")
         if not data_variance > 0:
@@ -322,7 +331,7 @@ class VQVAE(keras.Model):
         self.encoder = Encoder(downsample, width, res_blocks, code_dim, name="encoder")
         self.quantizer = VectorQuantizer(codebook_size, code_dim, beta, use_ema, ema_decay,
                                          dead_code_steps, seed=seed, name="quantizer")
-        self.decoder = Decoder(downsample, width, res_blocks, name="decoder")
+        self.decoder = Decoder(downsample, width, res_blocks, subpixel, name="decoder")
         names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "codebook_usage",
                  "ssim", "psnr"]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}

@@ -37,6 +37,7 @@ class Config:
     downsample: int = 8
     width: int = 128
     res_blocks: int = 2
+    decoder_output: str = "subpixel"  # subpixel | transposed: the decoder's last doubling
     code_dim: int = 32
     codebook_size: int = 512
     beta: float = 0.25
@@ -88,6 +89,10 @@ HELP = {
              "given, with --purpose generate)",
     "res_blocks": "residual blocks at the latent resolution, in encoder and decoder (the demo "
                   "set uses 1 unless given, with --purpose generate)",
+    "decoder_output": "the decoder's last doubling: subpixel (a 3x3 convolution to 2x2 pixel "
+                      "blocks; ~2x cheaper on CPU, no checkerboard) or transposed (a transposed "
+                      "convolution to full size and a 1-channel 3x3 convolution, the design "
+                      "before the sub-pixel stage; study.py compares them)",
     "code_dim": "code vector dimension D", "codebook_size": "number of codes K",
     "beta": "commitment cost",
     "codebook": "ema: exponential moving averages; loss: learned by the codebook loss",
@@ -108,12 +113,13 @@ HELP = {
 }
 CHOICES = {"purpose": ["generate", "reconstruct"],
            "precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
-           "codebook": ["ema", "loss"], "jit_compile": ["auto", "on", "off"],
+           "codebook": ["ema", "loss"], "decoder_output": ["subpixel", "transposed"],
+           "jit_compile": ["auto", "on", "off"],
            "strategy": ["auto", "default", "mirrored", "multiworker"]}
 # settings that runs saved before they existed lack; such a run reads them at these values
 # (purpose is only a label there: a saved run keeps the sizes it was built with)
-ADDED_LATER = {"purpose": "reconstruct", "skip_bad_files": False, "jit_compile": "auto",
-               "strategy": "auto"}
+ADDED_LATER = {"purpose": "reconstruct", "decoder_output": "subpixel", "skip_bad_files": False,
+               "jit_compile": "auto", "strategy": "auto"}
 # jit_compile and strategy change how the steps run, not the model: a resumed run may switch
 RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit",
              "skip_bad_files", "jit_compile", "strategy")

@@ -44,6 +44,7 @@ VARIANTS = {
     "2 residual blocks": {"res_blocks": 2},
     "code dim 16": {"code_dim": 16},
     "K 256": {"codebook_size": 256},
+    "transposed output": {"decoder_output": "transposed"},  # the decoder before sub-pixel
     "demo first stage": {"downsample": 8},  # 32x32 codes from the width-64 model
     "purpose generate": {"downsample": 8, "width": 128, "res_blocks": 2},
     "reference": None,
@@ -139,12 +140,13 @@ def pareto_front(results):
 
 
 def table(results, front):
-    lines = [f"{'variant':20s} {'GFLOP/img':>9s} {'params':>8s} {'images':>7s} {'SSIM':>7s} "
+    w = max(map(len, ["variant", *results]))
+    lines = [f"{'variant':{w}s} {'GFLOP/img':>9s} {'params':>8s} {'images':>7s} {'SSIM':>7s} "
              f"{'PSNR dB':>7s} {'train s':>7s}  front"]
     for name, r in results.items():
         for s in r["scores"]:
             mark = "yes" if name in front and s is r["scores"][-1] else ""
-            lines.append(f"{name:20s} {r['gflop_per_image']:9.3f} {r['parameters']:8d} "
+            lines.append(f"{name:{w}s} {r['gflop_per_image']:9.3f} {r['parameters']:8d} "
                          f"{s['images_seen']:7d} {s['ssim']:7.4f} {s['psnr_db']:7.2f} "
                          f"{60 * s['minutes']:7.0f}  {mark}")
     return lines

@@ -143,7 +143,8 @@ def build_model(config, data_variance):
         res_blocks=config.res_blocks, code_dim=config.code_dim,
         codebook_size=config.codebook_size, beta=config.beta,
         use_ema=config.codebook == "ema", ema_decay=config.ema_decay,
-        dead_code_steps=config.dead_code_steps, data_variance=data_variance, seed=config.seed)
+        dead_code_steps=config.dead_code_steps, data_variance=data_variance, seed=config.seed,
+        subpixel=config.decoder_output == "subpixel")
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   jit_compile=use_xla(config.jit_compile))
     return model

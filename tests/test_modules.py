@@ -166,12 +166,14 @@ def test_an_exact_reconstruction_scores_the_psnr_cap_not_infinity():
     np.testing.assert_allclose(psnr, 40.0, rtol=1e-4)  # below the cap, PSNR is untouched
 
 
-def test_codes_come_from_float32_vectors_under_mixed_bfloat16():
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_codes_come_from_float32_vectors_under_mixed_bfloat16(subpixel):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = tiny_vqvae()
+    model = tiny_vqvae(subpixel=subpixel)
     images = np.random.default_rng(12).random((2, 16, 16, 1)).astype("float32")
     assert model.encoder(images).dtype == "float32"  # not rounded to bfloat16's 8 bits
-    assert model.decoder.to_pixel_blocks.compute_dtype == "float32"
+    output = model.decoder.to_pixel_blocks if subpixel else model.decoder.to_image
+    assert output.compute_dtype == "float32" and model(images).dtype == "float32"
 
 
 def test_straight_through_gives_the_encoder_exactly_the_decoders_input_gradient():
@@ -196,6 +198,33 @@ def test_vqvae_saves_and_loads_as_keras_file_with_codebook_state(tmp_path):
     np.testing.assert_allclose(loaded(images), model(images), atol=1e-6)
     np.testing.assert_array_equal(loaded.quantizer.steps_unused.numpy(), np.arange(8))
     assert loaded.get_config()["codebook_size"] == 8
+
+
+def test_the_transposed_output_stage_keeps_the_shapes_and_saves_and_loads(tmp_path):
+    """subpixel=False (study.py's comparison) is the decoder before the sub-pixel stage: a
+    transposed convolution per doubling, the last to full size on the finest stage's channels,
+    then a 1-channel 3x3 convolution."""
+    model = modules.VQVAE(image_size=16, width=16, code_dim=4, codebook_size=8, seed=0,
+                          subpixel=False)  # stages [8, 16]
+    layers_ = [(type(step).__name__, step.filters) for step in model.decoder.steps]
+    assert layers_ == [("Conv2D", 16), ("ResidualBlock", 16), ("Conv2DTranspose", 16),
+                       ("Conv2DTranspose", 8)]
+    assert model.decoder.to_image.kernel.shape == (3, 3, 8, 1)
+    assert not hasattr(model.decoder, "to_pixel_blocks")
+    images = np.random.default_rng(9).random((2, 16, 16, 1)).astype("float32")
+    assert model(images).shape == images.shape
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.decoder.subpixel is False
+    np.testing.assert_allclose(loaded(images), model(images), atol=1e-6)
+
+
+def test_a_decoder_saved_before_the_choice_existed_loads_as_subpixel():
+    config = modules.Decoder(4, 8, 1).get_config()
+    del config["subpixel"]  # as in .keras files saved before the flag
+    decoder = modules.Decoder.from_config(config)
+    assert decoder.subpixel is True
+    assert decoder(np.zeros((1, 2, 2, 4), "float32")).shape == (1, 8, 8, 1)
 
 
 @pytest.mark.parametrize("use_ema, precision", [(True, "float32"), (False, "float32"),

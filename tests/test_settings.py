@@ -123,15 +123,19 @@ def test_purpose_sizes_the_first_stage_and_given_flags_win():
     assert (odd.downsample, odd.width, odd.res_blocks) == (4, 128, 2)
 
 
-def test_a_config_json_saved_before_purpose_existed_resumes_as_it_was_built(trained_run,
-                                                                            tmp_path, capsys):
+def test_a_config_json_saved_before_purpose_and_decoder_output_resumes_as_built(trained_run,
+                                                                                tmp_path, capsys):
     out = copy_run(trained_run, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
-    del config["train"]["purpose"]
+    del config["train"]["purpose"], config["train"]["decoder_output"]
     (out / "config.json").write_text(json.dumps(config))
     resumed, _ = parse_args(["--resume", "--out", str(out), "--epochs", "3"])
     assert resumed.purpose == "reconstruct"  # a label: the run keeps its sizes
+    assert resumed.decoder_output == "subpixel"  # as every run saved since 012e838
     assert (resumed.downsample, resumed.width, resumed.res_blocks) == (4, 8, 1)
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--out", str(out), "--purpose", "generate"])
     assert "--purpose 'generate' (the run has 'reconstruct')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the decoder is part of the saved model
+        parse_args(["--resume", "--out", str(out), "--decoder-output", "transposed"])
+    assert "--decoder-output 'transposed' (the run has 'subpixel')" in capsys.readouterr().err

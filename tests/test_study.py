@@ -2,6 +2,8 @@
 Pareto front keeps exactly the undominated variants; bad flags are refused; time to quality
 scores both models at each budget."""
 
+import argparse
+import dataclasses
 import json
 import math
 
@@ -10,7 +12,7 @@ import pytest
 import bench
 import study
 from conftest import write_slices
-from settings import purpose_config
+from settings import check, purpose_config
 
 
 def test_a_tiny_study_scores_every_variant_and_counts_its_flops(tmp_path):
@@ -55,6 +57,12 @@ def test_bad_flags_are_refused_with_the_reason(flags, message, capsys):
     with pytest.raises(SystemExit):
         study.parse_args(["--train-dir", "t", "--val-dir", "v", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_every_variant_is_a_valid_config():
+    parser = argparse.ArgumentParser()  # check() calls parser.error (SystemExit) on a bad one
+    for overrides in filter(None, study.VARIANTS.values()):
+        check(dataclasses.replace(purpose_config("reconstruct"), **overrides), parser)
 
 
 def test_every_variant_name_survives_the_comma_separated_flag():

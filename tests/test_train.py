@@ -410,6 +410,13 @@ def test_mixed_float16_scales_the_loss_and_keeps_codes_and_logits_float32():
         assert 0.5 * full < mixed < 2 * full
 
 
+def test_decoder_output_builds_the_decoder_it_names():
+    config = purpose_config("reconstruct", image_size=16, width=8, code_dim=4, codebook_size=8)
+    assert train.build_model(config, 0.1).decoder.subpixel is True
+    transposed = dataclasses.replace(config, decoder_output="transposed")
+    assert train.build_model(transposed, 0.1).decoder.subpixel is False
+
+
 def test_jit_compile_on_trains_with_xla():
     config = purpose_config("reconstruct", image_size=16, width=8, code_dim=4, codebook_size=8,
                             jit_compile="on")
