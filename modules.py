@@ -86,11 +86,11 @@ class Decoder(layers.Layer):
 
     Stride-2 transposed convolutions double the grid up to half the image size; the last
     doubling is sub-pixel (ESPCN): a 3x3 convolution predicts the 2x2 block of output pixels
-    under each position as 4 channels and depth_to_space lays them out. On CPU that is ~2x
-    cheaper than a transposed convolution to full size followed by a 1-channel convolution
-    (`subpixel=False`, this decoder's design before the sub-pixel stage, kept for study.py to
-    compare), and it cannot make checkerboard artefacts. The output is linear and float32 under mixed
-    precision; `VQVAE.call` clips it to [0, 1].
+    under each position as 4 channels and depth_to_space lays them out. That is the arithmetic
+    of a transposed convolution to full size followed by a 1-channel convolution
+    (`subpixel=False`, this decoder's design before, kept for study.py to compare), but on CPU
+    the whole training step is 1.3x faster, and it cannot make checkerboard artefacts. The
+    output is linear and float32 under mixed precision; `VQVAE.call` clips it to [0, 1].
     """
 
     def __init__(self, downsample=4, width=64, res_blocks=1, subpixel=True, **kwargs):
