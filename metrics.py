@@ -5,7 +5,9 @@
                   frequencies at each grid position (per-position unigram)
     diversity     mean pairwise MS-SSIM within a set of images: 1 = all identical
     memorisation  SSIM of each image to its nearest training slice: ~1 = a copy
-    realism       Fréchet distance between feature statistics of two sets of images
+    realism       Fréchet distance between feature statistics of two sets of images, and its
+                  part that only the average image moves; the same on slices standardised to
+                  one brightness and contrast; the mean brightness inside the brain
 
 Images are float32 (N, H, W, 1) in [0, 1]; code maps are int32 (N, h, w).
 """
@@ -145,11 +147,44 @@ def feature_network(seed=0):
 
 def frechet_distance(features_a, features_b):
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), between the Gaussians
-    fitted to two feature sets (N, F). Symmetric square roots by eigendecomposition."""
+    fitted to two feature sets (N, F)."""
+    return sum(frechet_terms(features_a, features_b))
+
+
+def frechet_terms(features_a, features_b):
+    """The Fréchet distance's two terms: (||mu_a - mu_b||^2, the trace term). The first says
+    how far apart the average images are; in our pooled random features it moves with overall
+    brightness. Symmetric square roots by eigendecomposition."""
     mean_a, mean_b = features_a.mean(0), features_b.mean(0)
     cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     trace = np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(np.sum((mean_a - mean_b) ** 2) + trace)
+    return float(np.sum((mean_a - mean_b) ** 2)), float(trace)
+
+
+BRAIN_THRESHOLD = 0.05  # pixels above it are brain; the skull-stripped slices' background is 0
+
+
+def standardised_brains(images):
+    """A copy of images (N, H, W, 1) with each one's brain pixels (above BRAIN_THRESHOLD)
+    moved and scaled to mean 0.5 and standard deviation 0.25 (clipped to [0, 1]), the
+    background left at 0: overall brightness and contrast taken out, so that features of the
+    result see anatomy and texture."""
+    out = np.array(images, np.float32, copy=True)
+    for image in out:
+        brain = image > BRAIN_THRESHOLD
+        if brain.sum() > 1:
+            values = image[brain]
+            scaled = 0.5 + 0.25 * (values - values.mean()) / max(float(values.std()), 1e-6)
+            image[brain] = np.clip(scaled, 0, 1)
+    return out
+
+
+def brain_intensity(images):
+    """Mean intensity inside the brain (pixels above BRAIN_THRESHOLD), averaged over images
+    (N, H, W, 1) that have any: a slice with less dark CSF, or brighter tissue, scores higher."""
+    means = [image[image > BRAIN_THRESHOLD].mean() for image in images
+             if (image > BRAIN_THRESHOLD).any()]
+    return float(np.mean(means)) if means else 0.0

@@ -348,23 +348,36 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
         "mean_pairwise_ms_ssim": {"samples": metrics.mean_pairwise_ms_ssim(samples),
                                   "real_test": metrics.mean_pairwise_ms_ssim(real)},
         "nearest_training_ssim": nearest,
-        # the same rows in the features of two unrelated random CNNs, so that no choice is
-        # tuned to the quirks of one network
-        "frechet_distance": frechet_rows(real, compared, seed=0),
-        "frechet_distance_second_cnn": frechet_rows(real, compared,
-                                                    seed=metrics.SECOND_FEATURE_SEED),
+        "brain_intensity": {"real_test": metrics.brain_intensity(real)} | {
+            name: metrics.brain_intensity(images) for name, images in compared.items()},
     }
+    # the same rows in the features of two unrelated random CNNs, so that no choice is tuned
+    # to the quirks of one network; and on standardised slices, since both networks' pooled
+    # features move most with overall brightness
+    for suffix, seed, prepare in FRECHET_ROWS:
+        result["frechet_distance" + suffix], result["frechet_mean_term" + suffix] = (
+            frechet_rows(prepare(real), {name: prepare(images) for name, images
+                                         in compared.items()}, seed))
     print_metrics(result)
     return result
 
 
+FRECHET_ROWS = (("", 0, np.asarray), ("_second_cnn", metrics.SECOND_FEATURE_SEED, np.asarray),
+                ("_standardised", 0, metrics.standardised_brains))  # (suffix, seed, prepare)
+FRECHET_NAMES = {"": "random-CNN features", "_second_cnn": "a second random CNN",
+                 "_standardised": "slices standardised to one brightness and contrast"}
+
+
 def frechet_rows(real, compared, seed):
-    """{name: Fréchet distance from `real` to compared[name]} in metrics.feature_network(seed)."""
+    """({name: Fréchet distance from `real` to compared[name]}, {name: its mean term}) in the
+    features of metrics.feature_network(seed)."""
     network = metrics.feature_network(seed)
     features = lambda images: network.predict(images, batch_size=32, verbose=0)  # noqa: E731
     real_features = features(real)
-    return {name: metrics.frechet_distance(real_features, features(images))
-            for name, images in compared.items()}
+    terms = {name: metrics.frechet_terms(real_features, features(images))
+             for name, images in compared.items()}
+    return ({name: sum(pair) for name, pair in terms.items()},
+            {name: pair[0] for name, pair in terms.items()})
 
 
 def print_metrics(result):
@@ -379,13 +392,15 @@ def print_metrics(result):
     print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(
         f"{name.replace('_', ' ')} {near[name]['mean']:.3f} / {near[name]['max']:.3f}"
         for name in ("samples", "real_test", "test_reconstructions")))
-    for key, network in (("frechet_distance", "random-CNN features"),
-                         ("frechet_distance_second_cnn", "a second random CNN")):
-        fd = result[key]
+    for suffix, network in FRECHET_NAMES.items():
+        fd, means = result["frechet_distance" + suffix], result["frechet_mean_term" + suffix]
         print(f"  realism, Frechet distance to real test slices ({network}): samples "
-              f"{fd['samples']:.4g}; floor: other real test slices "
-              f"{fd['real_test_other_half']:.4g}, test reconstructions "
+              f"{fd['samples']:.4g} (mean term {means['samples']:.4g}); floor: other real test "
+              f"slices {fd['real_test_other_half']:.4g}, test reconstructions "
               f"{fd['test_reconstructions']:.4g}; shuffled codes {fd['shuffled_codes']:.4g}")
+    print("  brightness, mean intensity inside the brain: " + ", ".join(
+        f"{name.replace('_', ' ')} {value:.3f}"
+        for name, value in result["brain_intensity"].items()))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,18 @@ def test_frechet_distance_matches_the_scipy_formula():
                 + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real))
     assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     assert abs(metrics.frechet_distance(a, a)) < 1e-9
+    mean_term, trace_term = metrics.frechet_terms(a, b)
+    assert mean_term == pytest.approx(np.sum((mean_a - mean_b) ** 2), rel=1e-9)
+    shifted_term, shifted_trace = metrics.frechet_terms(a, a + 0.3)  # same spread, moved
+    assert shifted_term == pytest.approx(5 * 0.3**2) and abs(shifted_trace) < 1e-9
+
+
+def test_brain_intensity_averages_the_brain_pixels_and_ignores_background_and_blanks():
+    slices = np.zeros((3, 8, 8, 1), np.float32)
+    slices[0, 2:6, 2:6] = 0.5                          # a brain of 0.5 on a black background
+    slices[1, 2:6, 2:6], slices[1, 3, 3] = 0.8, 0.0    # a dark (CSF) pixel leaves the mask
+    assert metrics.brain_intensity(slices) == pytest.approx((0.5 + 0.8) / 2)  # blank skipped
+    assert metrics.brain_intensity(slices[2:]) == 0.0
 
 
 def test_pairwise_ms_ssim_is_one_for_copies_and_lower_for_different_slices():
@@ -108,3 +120,18 @@ def test_pairwise_ms_ssim_draws_from_the_whole_set_not_its_first_images():
     images = np.concatenate([np.repeat(slices(1, seed=8), 64, axis=0), slices(64, seed=9)])
     assert metrics.mean_pairwise_ms_ssim(images) < 0.9
     assert metrics.mean_pairwise_ms_ssim(images) == metrics.mean_pairwise_ms_ssim(images)
+
+
+def test_standardised_brains_take_out_brightness_and_contrast_but_keep_the_anatomy():
+    rng = np.random.default_rng(0)
+    slices = np.zeros((2, 16, 16, 1), np.float32)
+    slices[:, 3:13, 3:13] = rng.uniform(0.3, 0.7, (2, 10, 10, 1))
+    brighter = slices * 1.3 + np.where(slices > 0, 0.05, 0)  # more contrast, more light
+    standard = metrics.standardised_brains(slices)
+    brain = standard[0] > 0
+    assert standard[0][brain].mean() == pytest.approx(0.5, abs=1e-5)
+    assert standard[0][brain].std() == pytest.approx(0.25, abs=1e-5)
+    assert np.all(standard[:, :3] == 0)  # the background stays black
+    np.testing.assert_allclose(metrics.standardised_brains(brighter), standard, atol=1e-5)
+    assert not np.allclose(standard[0], standard[1])  # different anatomy stays different
+    assert np.all(slices[:, :3] == 0) and slices.max() <= 0.7  # the input is not changed

@@ -100,15 +100,18 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
                                                    "test_reconstructions"}
     for stats in found["nearest_training_ssim"].values():
         assert -1 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
-    for key in ("frechet_distance", "frechet_distance_second_cnn"):
-        distances = found[key]
-        assert set(distances) == {"samples", "real_test_other_half", "test_reconstructions",
-                                  "shuffled_codes"}
+    compared = {"samples", "real_test_other_half", "test_reconstructions", "shuffled_codes"}
+    for suffix in ("", "_second_cnn", "_standardised"):
+        distances, means = found["frechet_distance" + suffix], found["frechet_mean_term" + suffix]
+        assert set(distances) == set(means) == compared
         assert all(np.isfinite(d) and d > -1e-6 for d in distances.values())
+        assert all(0 <= means[name] <= distances[name] + 1e-6 for name in compared)
     assert found["frechet_distance"] != found["frechet_distance_second_cnn"]
+    assert set(found["brain_intensity"]) == compared | {"real_test"}
+    assert all(0 <= value <= 1 for value in found["brain_intensity"].values())
     printed = capsys.readouterr().out
     for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet",
-                  "a second random CNN"):
+                  "a second random CNN", "mean term", "inside the brain", "standardised"):
         assert words in printed
 
 

@@ -75,17 +75,17 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     splits = train.resolve_splits(config)
     printed = capsys.readouterr().out
     assert "DEMO" in printed and ("--purpose generate --downsample 8 --width 64 --res-blocks 1 "
-                                  "--prior-width 32 --prior-batch-size 8") in printed
+                                  "--prior-width 32") in printed
     assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
     assert config.prior_time_limit == train.DEMO_PRIOR_MINUTES
     assert config.downsample == 8  # 32x32 codes, so the demo's prior learns in minutes
     assert (config.width, config.res_blocks) == (64, 1)  # a first stage sized for 5 minutes
-    assert (config.prior_width, config.prior_batch_size) == (32, 8)  # and a faster prior
+    assert config.prior_width == 32  # and a faster prior
     given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0",
                               "--prior-width", "16"])
     train.resolve_splits(given[0], given[1].given)
     assert given[0].downsample == 4 and given[0].prior_time_limit == 0  # the user's flags win
-    assert given[0].prior_width == 16 and given[0].prior_batch_size == 8
+    assert given[0].prior_width == 16 and given[0].width == 64  # the demo sizes the rest
     sharp = train.parse_args(["--purpose", "reconstruct"])[0]
     train.resolve_splits(sharp, {"purpose"})  # the demo sizes only the generating model
     assert (sharp.downsample, sharp.width, sharp.prior_width) == (4, 64, 64)
