@@ -241,7 +241,8 @@ def environment(config, precision, tiny):
             "cpus_usable": len(os.sched_getaffinity(0)),
             "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-            "batch_size": config.batch_size, "image_size": config.image_size, "tiny": tiny,
+            "batch_size": config.batch_size, "prior_batch_size": config.prior_batch_size,
+            "image_size": config.image_size, "tiny": tiny,
             "flop_method": "tf.compat.v1.profiler float_operation on the traced train_step "
                            "graph (forward, backward and optimizer ops)",
             "memory": "GPU allocator peak per section" if gpus else
@@ -285,7 +286,8 @@ def table(results):
                  f"({share['validate_s']:.1f} s of {share['train_s'] + share['validate_s']:.1f} s)")
     prior = results["prior_training"]
     lines.append(f"prior training, {prior['grid']}x{prior['grid']}: "
-                 f"{prior['code_maps_per_s']:.1f} code maps/s")
+                 f"{prior['code_maps_per_s']:.1f} code maps/s in batches of "
+                 f"{env['prior_batch_size']}")
     for s in results["sampling"]:
         lines.append(f"sampling {s['count']:3d} at {s['grid']}x{s['grid']}: "
                      f"{s['slices_per_s']:.2f} slices/s ({s['sample_s']:.1f} s sampling, "

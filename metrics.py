@@ -6,8 +6,9 @@
     diversity     mean pairwise MS-SSIM within a set of images: 1 = all identical
     memorisation  SSIM of each image to its nearest training slice: ~1 = a copy
     realism       Fréchet distance between feature statistics of two sets of images, and its
-                  part that only the average image moves; the same on slices standardised to
-                  one brightness and contrast; the mean brightness inside the brain
+                  mean term (how far apart the average features are); the same on slices
+                  standardised to one brightness and contrast; the mean brightness inside the
+                  brain
 
 Images are float32 (N, H, W, 1) in [0, 1]; code maps are int32 (N, h, w).
 """
@@ -153,8 +154,8 @@ def frechet_distance(features_a, features_b):
 
 def frechet_terms(features_a, features_b):
     """The Fréchet distance's two terms: (||mu_a - mu_b||^2, the trace term). The first says
-    how far apart the average images are; in our pooled random features it moves with overall
-    brightness. Symmetric square roots by eigendecomposition."""
+    how far apart the average features are; in our pooled random features it moves most with
+    overall brightness. Symmetric square roots by eigendecomposition."""
     mean_a, mean_b = features_a.mean(0), features_b.mean(0)
     cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
     values, vectors = np.linalg.eigh(cov_a)
@@ -169,9 +170,11 @@ BRAIN_THRESHOLD = 0.05  # pixels above it are brain; the skull-stripped slices' 
 
 def standardised_brains(images):
     """A copy of images (N, H, W, 1) with each one's brain pixels (above BRAIN_THRESHOLD)
-    moved and scaled to mean 0.5 and standard deviation 0.25 (clipped to [0, 1]), the
-    background left at 0: overall brightness and contrast taken out, so that features of the
-    result see anatomy and texture."""
+    moved and scaled to mean 0.5 and standard deviation 0.25, then clipped to [0, 1], and the
+    rest left as it is: each slice's overall brightness and contrast taken out, so that
+    features of the result see anatomy and texture. Pixels more than 2 standard deviations
+    below their slice's mean (the darkest CSF) clip to 0, like the background, so the extent
+    of very dark regions still counts."""
     out = np.array(images, np.float32, copy=True)
     for image in out:
         brain = image > BRAIN_THRESHOLD
@@ -184,7 +187,8 @@ def standardised_brains(images):
 
 def brain_intensity(images):
     """Mean intensity inside the brain (pixels above BRAIN_THRESHOLD), averaged over images
-    (N, H, W, 1) that have any: a slice with less dark CSF, or brighter tissue, scores higher."""
+    (N, H, W, 1) that have any (0.0 if none has): a slice with less dark CSF, or brighter
+    tissue, scores higher."""
     means = [image[image > BRAIN_THRESHOLD].mean() for image in images
              if (image > BRAIN_THRESHOLD).any()]
     return float(np.mean(means)) if means else 0.0

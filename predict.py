@@ -307,7 +307,7 @@ def load_images(paths, image_size, batch_size):
 
 
 def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_paths, out):
-    """The four measures of metrics.py, each next to its baselines, printed as a table; and
+    """The measures of metrics.py, each next to its baselines, printed as a table; and
     samples_and_real.png: the first 16 samples above 16 of the real slices they are measured
     against, at the same size.
 
@@ -354,7 +354,7 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     # the same rows in the features of two unrelated random CNNs, so that no choice is tuned
     # to the quirks of one network; and on standardised slices, since both networks' pooled
     # features move most with overall brightness
-    for suffix, seed, prepare in FRECHET_ROWS:
+    for suffix, seed, prepare, _ in FRECHET_ROWS:
         result["frechet_distance" + suffix], result["frechet_mean_term" + suffix] = (
             frechet_rows(prepare(real), {name: prepare(images) for name, images
                                          in compared.items()}, seed))
@@ -362,10 +362,11 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     return result
 
 
-FRECHET_ROWS = (("", 0, np.asarray), ("_second_cnn", metrics.SECOND_FEATURE_SEED, np.asarray),
-                ("_standardised", 0, metrics.standardised_brains))  # (suffix, seed, prepare)
-FRECHET_NAMES = {"": "random-CNN features", "_second_cnn": "a second random CNN",
-                 "_standardised": "slices standardised to one brightness and contrast"}
+FRECHET_ROWS = (  # (report key suffix, feature network seed, images prepared by, label)
+    ("", 0, np.asarray, "random-CNN features"),
+    ("_second_cnn", metrics.SECOND_FEATURE_SEED, np.asarray, "a second random CNN"),
+    ("_standardised", 0, metrics.standardised_brains,
+     "slices standardised to one brightness and contrast"))
 
 
 def frechet_rows(real, compared, seed):
@@ -392,7 +393,7 @@ def print_metrics(result):
     print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(
         f"{name.replace('_', ' ')} {near[name]['mean']:.3f} / {near[name]['max']:.3f}"
         for name in ("samples", "real_test", "test_reconstructions")))
-    for suffix, network in FRECHET_NAMES.items():
+    for suffix, _, _, network in FRECHET_ROWS:
         fd, means = result["frechet_distance" + suffix], result["frechet_mean_term" + suffix]
         print(f"  realism, Frechet distance to real test slices ({network}): samples "
               f"{fd['samples']:.4g} (mean term {means['samples']:.4g}); floor: other real test "

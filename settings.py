@@ -48,7 +48,7 @@ class Config:
     skip_bad_files: bool = False  # leave unreadable images out (listed) instead of stopping
     # stage two: the PixelCNN prior over code maps, trained after the VQ-VAE (0 epochs: none)
     prior_epochs: int = 20
-    prior_batch_size: int = 8  # 4x the steps of 32 per epoch: twice the learning per minute
+    prior_batch_size: int = 8  # 4x the steps of 32: twice the learning per minute (2-core CPU)
     prior_learning_rate: float = 1e-3
     prior_time_limit: float | None = None  # minutes; 0 = no limit; None = unset
     prior_width: int = 64
@@ -102,7 +102,8 @@ HELP = {
     "skip_bad_files": "leave out unreadable or undecodable images, listing them in the log and "
                       "config.json, instead of stopping with an error",
     "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
-    "prior_batch_size": "code maps per prior training step (global, like --batch-size)",
+    "prior_batch_size": "code maps per prior training step (global, like --batch-size; on "
+                        "GPUs, larger batches use the device better)",
     "prior_learning_rate": "Adam learning rate of the prior",
     "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
     "prior_width": "channels of each prior stack (the demo set uses 32 unless given, with "

@@ -20,7 +20,8 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
 BRAIN_SLICES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brain-slices"
 TINY = ["--purpose", "reconstruct", "--image-size", "32", "--width", "8", "--code-dim", "4",
         "--codebook-size", "16", "--batch-size", "8", "--precision", "float32",
-        "--progress-images", "3", "--prior-epochs", "2", "--prior-width", "8", "--prior-layers", "2", "--prior-kernel", "3"]
+        "--progress-images", "3", "--prior-epochs", "2", "--prior-width", "8", "--prior-layers", "2", "--prior-kernel", "3",
+        "--prior-batch-size", "8"]
 
 
 def fake_slice(rng, size=40):

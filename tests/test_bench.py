@@ -35,7 +35,8 @@ def test_a_tiny_run_writes_every_field_finite_and_positive(tmp_path):
     assert set(results) == TOP_LEVEL
     env = results["environment"]
     for key in ("device", "tensorflow", "keras", "precision_auto", "cpu_count", "cpus_usable",
-                "tf_intra_op_threads", "batch_size", "image_size", "flop_method", "memory"):
+                "tf_intra_op_threads", "batch_size", "prior_batch_size", "image_size",
+                "flop_method", "memory"):
         assert key in env, key
     precisions = ["float32"] + [env["precision_auto"]] * (env["precision_auto"] != "float32")
     assert set(results["training"]) == {f"{kind} {p}" for kind in ("ours", "reference")

@@ -27,7 +27,7 @@ from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [*TINY, "--epochs", "3"]  # 24 training slices in batches of 8: 3 steps per epoch
-STEPS_PER_EPOCH, PRIOR_STEPS_PER_EPOCH = 3, 3  # the prior's default batch is 8 code maps too
+STEPS_PER_EPOCH, PRIOR_STEPS_PER_EPOCH = 3, 3  # TINY's prior batches hold 8 code maps too
 
 # (kill point, what the run has saved after it: VQ-VAE epochs, prior epochs); each kill happens
 # in a process resumed after the one before, so the counts restart at 1 in each

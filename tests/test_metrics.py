@@ -34,6 +34,7 @@ def test_frechet_distance_matches_the_scipy_formula():
     assert abs(metrics.frechet_distance(a, a)) < 1e-9
     mean_term, trace_term = metrics.frechet_terms(a, b)
     assert mean_term == pytest.approx(np.sum((mean_a - mean_b) ** 2), rel=1e-9)
+    assert mean_term + trace_term == pytest.approx(expected, rel=1e-6) and trace_term > 0
     shifted_term, shifted_trace = metrics.frechet_terms(a, a + 0.3)  # same spread, moved
     assert shifted_term == pytest.approx(5 * 0.3**2) and abs(shifted_trace) < 1e-9
 
@@ -41,7 +42,7 @@ def test_frechet_distance_matches_the_scipy_formula():
 def test_brain_intensity_averages_the_brain_pixels_and_ignores_background_and_blanks():
     slices = np.zeros((3, 8, 8, 1), np.float32)
     slices[0, 2:6, 2:6] = 0.5                          # a brain of 0.5 on a black background
-    slices[1, 2:6, 2:6], slices[1, 3, 3] = 0.8, 0.0    # a dark (CSF) pixel leaves the mask
+    slices[1, 2:6, 2:6], slices[1, 3, 3] = 0.8, 0.03   # a pixel below the threshold is out
     assert metrics.brain_intensity(slices) == pytest.approx((0.5 + 0.8) / 2)  # blank skipped
     assert metrics.brain_intensity(slices[2:]) == 0.0
 
@@ -135,3 +136,11 @@ def test_standardised_brains_take_out_brightness_and_contrast_but_keep_the_anato
     np.testing.assert_allclose(metrics.standardised_brains(brighter), standard, atol=1e-5)
     assert not np.allclose(standard[0], standard[1])  # different anatomy stays different
     assert np.all(slices[:, :3] == 0) and slices.max() <= 0.7  # the input is not changed
+    edge = np.zeros((3, 8, 8, 1), np.float32)
+    edge[0, :4], edge[0, 4:, :], edge[0, 4, 0] = 0.6, 0.62, 0.1  # a pixel far below the rest
+    edge[1, 2:6, 2:6] = 0.4                                          # a brain of one grey
+    edge[2, 0, 0] = 0.03                                              # no brain at all
+    standard = metrics.standardised_brains(edge)
+    assert standard[0, 4, 0] == 0 and standard[0].max() <= 1  # clipped like the background
+    np.testing.assert_allclose(standard[1][edge[1] > 0], 0.5)  # no spread: the middle grey
+    np.testing.assert_array_equal(standard[2], edge[2])        # nothing to standardise

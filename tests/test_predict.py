@@ -107,6 +107,7 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
         assert all(np.isfinite(d) and d > -1e-6 for d in distances.values())
         assert all(0 <= means[name] <= distances[name] + 1e-6 for name in compared)
     assert found["frechet_distance"] != found["frechet_distance_second_cnn"]
+    assert found["frechet_distance_standardised"] != found["frechet_distance"]
     assert set(found["brain_intensity"]) == compared | {"real_test"}
     assert all(0 <= value <= 1 for value in found["brain_intensity"].values())
     printed = capsys.readouterr().out

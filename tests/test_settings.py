@@ -108,6 +108,20 @@ def test_a_config_json_saved_before_jit_compile_existed_still_resumes(trained_ru
     assert resumed.jit_compile == "on"
 
 
+def test_a_new_prior_on_a_run_saved_with_batches_of_32_keeps_them_unless_told(trained_run,
+                                                                             tmp_path):
+    out = copy_run(trained_run, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["prior_batch_size"] = 32  # the default before 8
+    (out / "config.json").write_text(json.dumps(config))
+    for path in out.glob("prior_*"):
+        path.unlink()
+    kept, _ = parse_args(["--prior-only", "--out", str(out)])
+    assert kept.prior_batch_size == 32  # a saved run keeps its settings
+    told, _ = parse_args(["--prior-only", "--out", str(out), "--prior-batch-size", "8"])
+    assert told.prior_batch_size == 8
+
+
 # --- --purpose --------------------------------------------------------------------------------
 
 
