@@ -174,7 +174,7 @@ def test_resume_of_a_finished_vqvae_continues_its_prior(trained_run, tmp_path):
     train.main(["--resume", "--prior-epochs", "3", "--out", str(out)])
     assert (out / "last.keras").read_bytes() == vqvae  # stage one was not touched
     prior = keras.models.load_model(out / "prior_last.keras")
-    assert prior.optimizer.iterations.numpy() == 3  # 24 maps in one batch: a step per epoch
+    assert prior.optimizer.iterations.numpy() == 3 * 3  # 24 maps in batches of 8, 3 epochs
     with open(out / "prior_training_log.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
     with pytest.raises(SystemExit, match="nothing to do: .* and so is its prior"):
@@ -329,7 +329,7 @@ def test_resume_with_a_used_up_time_limit_continues_the_prior_not_the_vqvae(oasi
     train.main(["--resume", "--time-limit", "0.0001", "--prior-epochs", "2", "--out", str(out)])
     assert json.loads((out / "state.json").read_text())["epochs_done"] == 1  # time is up
     prior = keras.models.load_model(out / "prior_last.keras")
-    assert prior.optimizer.iterations.numpy() == 2  # the prior went on from its epoch 1
+    assert prior.optimizer.iterations.numpy() == 2 * 3  # on from its epoch 1: 3 steps each
     with open(out / "prior_training_log.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
 
