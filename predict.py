@@ -350,6 +350,9 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
         "nearest_training_ssim": nearest,
         "brain_intensity": {"real_test": metrics.brain_intensity(real)} | {
             name: metrics.brain_intensity(images) for name, images in compared.items()},
+        "brain_histogram": {"bins": list(metrics.INTENSITY_BINS),
+                            "real_test": metrics.brain_histogram(real)} | {
+            name: metrics.brain_histogram(images) for name, images in compared.items()},
     }
     # the same rows in the features of two unrelated random CNNs, so that no choice is tuned
     # to the quirks of one network; and on standardised slices, since both networks' pooled
@@ -402,6 +405,10 @@ def print_metrics(result):
     print("  brightness, mean intensity inside the brain: " + ", ".join(
         f"{name.replace('_', ' ')} {value:.3f}"
         for name, value in result["brain_intensity"].items()))
+    bins = result["brain_histogram"]["bins"]
+    print(f"  of the brain's pixels, darker than {bins[1]} (CSF) / at least {bins[-2]}: "
+          + ", ".join(f"{name.replace('_', ' ')} {h[0]:.3f} / {h[-1]:.3f}"
+                      for name, h in result["brain_histogram"].items() if name != "bins"))
 
 
 if __name__ == "__main__":

@@ -96,16 +96,20 @@ class GatedBlock(layers.Layer):
         v_pre = vconv(v) + Wv p                     (B, h, w, 2F)
         v'    = gate(v_pre)                         (B, h, w, F)
         h_pre = hconv(h) + Wvh v_pre + Wh p         (B, h, w, 2F)
-        h'    = h + W1 gate(h_pre)                  (no residual in the type A layer)
+        h'    = h + W1 dropout(gate(h_pre))         (no residual in the type A layer)
+
+Dropout (rate `dropout`, training only) zeroes features of the horizontal stack's update;
+the sampler and evaluation never drop anything.
 
     v at row r only ever depends on codes in rows < r, so the horizontal stack may add it at the
     same position. The position term (a learned map, not data) tells every layer where it is
     in the slice, which the aligned, centred brains make very informative.
     """
 
-    def __init__(self, filters, kernel_size=3, mask_type="B", **kwargs):
+    def __init__(self, filters, kernel_size=3, mask_type="B", dropout=0.0, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.mask_type = filters, kernel_size, mask_type
+        self.dropout = layers.Dropout(dropout)
         self.vconv = MaskedConv2D(2 * filters, kernel_size, "vertical", mask_type)
         self.hconv = MaskedConv2D(2 * filters, kernel_size, "horizontal", mask_type)
         self.v_position = layers.Dense(2 * filters)
@@ -127,12 +131,13 @@ class GatedBlock(layers.Layer):
 
     def horizontal_from(self, conv, h, link):
         """The horizontal stack given hconv's output, its input h (..., F) and the link."""
-        out = self.h_out(gate(conv + link))
+        out = self.h_out(self.dropout(gate(conv + link)))
         return out if self.mask_type == "A" else h + out
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
-                "kernel_size": self.kernel_size, "mask_type": self.mask_type}
+                "kernel_size": self.kernel_size, "mask_type": self.mask_type,
+                "dropout": self.dropout.rate}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -140,23 +145,25 @@ class PixelCNNPrior(keras.Model):
     """p(codes) = prod_i p(code_i | codes before i), in raster order over an h x w code map.
 
     codes (B, h, w) int32 -> logits (B, h, w, K) float32: embedding, one type A gated block,
-    layers - 1 type B blocks, then ReLU-1x1-ReLU-1x1 to K logits. Trained by cross-entropy,
-    reported in bits per code (log2 K for a uniform guess). `sample` draws new code maps,
-    caching its work so that drawing a map costs about one whole-map forward pass.
+    layers - 1 type B blocks (each with `dropout` in training), then ReLU-1x1-ReLU-1x1 to K
+    logits. Trained by cross-entropy, reported in bits per code (log2 K for a uniform guess).
+    `sample` draws new code maps, caching its work so that drawing a map costs about one
+    whole-map forward pass.
     """
 
     def __init__(self, grid_size=32, codebook_size=512, width=64, layers=12, kernel_size=3,
-                 position_dim=16, **kwargs):
+                 position_dim=16, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
         self.hparams = dict(grid_size=grid_size, codebook_size=codebook_size, width=width,
-                            layers=layers, kernel_size=kernel_size, position_dim=position_dim)
+                            layers=layers, kernel_size=kernel_size, position_dim=position_dim,
+                            dropout=dropout)
         self.grid_size, self.codebook_size = grid_size, codebook_size
         self.embed = keras.layers.Embedding(codebook_size, width)
         self.position = self.add_weight(shape=(1, grid_size, grid_size, position_dim),
                                         initializer=keras.initializers.RandomNormal(0, 0.1),
                                         name="position")
-        self.blocks = [GatedBlock(width, kernel_size, "A" if i == 0 else "B", name=f"gated_{i}")
-                       for i in range(layers)]
+        self.blocks = [GatedBlock(width, kernel_size, "A" if i == 0 else "B", dropout,
+                                  name=f"gated_{i}") for i in range(layers)]
         self.head = [keras.layers.Dense(width),
                      keras.layers.Dense(codebook_size, dtype="float32")]
         self.bits = keras.metrics.Mean(name="bits_per_code")

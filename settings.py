@@ -54,6 +54,7 @@ class Config:
     prior_width: int = 64
     prior_layers: int = 12
     prior_kernel: int = 5
+    prior_dropout: float = 0.0
 
 
 HELP = {
@@ -110,6 +111,7 @@ HELP = {
                    "--purpose generate)",
     "prior_layers": "gated layers of the prior",
     "prior_kernel": "prior kernel size k (odd): each layer reaches k//2 rows further up",
+    "prior_dropout": "dropout rate in the prior's gated layers while it trains (0: none)",
 }
 CHOICES = {"purpose": ["generate", "reconstruct"],
            "precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
@@ -119,7 +121,7 @@ CHOICES = {"purpose": ["generate", "reconstruct"],
 # settings that runs saved before they existed lack; such a run reads them at these values
 # (purpose is only a label there: a saved run keeps the sizes it was built with)
 ADDED_LATER = {"purpose": "reconstruct", "decoder_output": "subpixel", "skip_bad_files": False,
-               "jit_compile": "auto", "strategy": "auto"}
+               "jit_compile": "auto", "strategy": "auto", "prior_dropout": 0.0}
 # jit_compile and strategy change how the steps run, not the model: a resumed run may switch
 RESUMABLE = ("epochs", "time_limit", "out", "prior_epochs", "prior_time_limit",
              "skip_bad_files", "jit_compile", "strategy")
@@ -219,6 +221,8 @@ def check(config, parser):
                 not 0 < config.prior_learning_rate < 1e3,
                 "--prior-kernel must be an odd number >= 3": config.prior_kernel < 3
                 or config.prior_kernel % 2 == 0,
+                "--prior-dropout must be at least 0 and below 1":
+                not 0 <= config.prior_dropout < 1,
                 f"--out {config.out} is, or is inside, a file, not a folder": any(
                     p.is_file() for p in (Path(config.out), *Path(config.out).parents)),
                 "--image-size must be at least 16 (SSIM's 11-pixel window must fit)":

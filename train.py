@@ -153,8 +153,8 @@ def build_model(config, data_variance):
 def build_prior(config, grid_size, codebook_size):
     """The one way train.py makes a fresh PixelCNN prior from a Config."""
     prior = PixelCNNPrior(grid_size=grid_size, codebook_size=codebook_size,
-                                  width=config.prior_width, layers=config.prior_layers,
-                                  kernel_size=config.prior_kernel)
+                          width=config.prior_width, layers=config.prior_layers,
+                          kernel_size=config.prior_kernel, dropout=config.prior_dropout)
     prior.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate),
                   jit_compile=use_xla(config.jit_compile))
     return prior

@@ -110,9 +110,13 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     assert found["frechet_distance_standardised"] != found["frechet_distance"]
     assert set(found["brain_intensity"]) == compared | {"real_test"}
     assert all(0 <= value <= 1 for value in found["brain_intensity"].values())
+    histogram = found["brain_histogram"]
+    assert set(histogram) == compared | {"real_test", "bins"} and histogram["bins"][0] == 0.05
+    for name in compared | {"real_test"}:
+        assert len(histogram[name]) == 6 and abs(sum(histogram[name]) - 1) < 1e-6
     printed = capsys.readouterr().out
     for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet",
-                  "a second random CNN", "mean term", "inside the brain", "standardised"):
+                  "a second random CNN", "mean term", "inside the brain", "standardised", "(CSF)"):
         assert words in printed
 
 

@@ -12,10 +12,10 @@ from prior import MaskedConv2D, PixelCNNPrior
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def make_prior(grid=6, K=10, layers=6, kernel=3):
+def make_prior(grid=6, K=10, layers=6, kernel=3, dropout=0.0):
     keras.utils.set_random_seed(0)
     return PixelCNNPrior(grid_size=grid, codebook_size=K, width=8, layers=layers,
-                                 kernel_size=kernel, position_dim=4)
+                         kernel_size=kernel, position_dim=4, dropout=dropout)
 
 
 @pytest.mark.parametrize("kernel", [3, 5])
@@ -47,6 +47,21 @@ def test_the_samplers_cached_logits_equal_the_full_map_logits(kernel):
     codes = np.random.default_rng(2).integers(0, 10, (2, 12, 12)).astype("int32")
     np.testing.assert_allclose(prior.teacher_forced_logits(codes).numpy(),
                                prior(codes).numpy(), atol=1e-5)
+
+
+def test_dropout_acts_in_training_only_and_the_sampler_never_drops():
+    """With dropout 0.5, two training-mode losses differ (features are dropped at random);
+    evaluation is deterministic, the sampler's logits are the whole-map ones, and the rate
+    is saved with the model."""
+    prior = make_prior(grid=6, layers=3, dropout=0.5)
+    codes = np.random.default_rng(4).integers(0, 10, (4, 6, 6)).astype("int32")
+    trained = [float(prior.bits_per_code(codes, training=True)) for _ in range(2)]
+    assert trained[0] != trained[1]
+    assert float(prior.bits_per_code(codes)) == float(prior.bits_per_code(codes))
+    np.testing.assert_allclose(prior.teacher_forced_logits(codes).numpy(),
+                               prior(codes).numpy(), atol=1e-5)
+    assert prior.get_config()["dropout"] == 0.5
+    assert all(block.get_config()["dropout"] == 0.5 for block in prior.blocks)
 
 
 def test_masked_convolution_rejects_an_unknown_mask():
@@ -118,12 +133,12 @@ def test_samples_follow_a_learned_dependence_on_the_codes_drawn_before():
 
 
 def test_prior_saves_and_loads_as_keras_file(tmp_path):
-    prior = make_prior(grid=4, K=5, layers=2)
+    prior = make_prior(grid=4, K=5, layers=2, dropout=0.25)
     prior.save(tmp_path / "prior.keras")
     loaded = keras.models.load_model(tmp_path / "prior.keras")
     codes = np.random.default_rng(5).integers(0, 5, (2, 4, 4)).astype("int32")
     np.testing.assert_allclose(loaded(codes).numpy(), prior(codes).numpy(), atol=1e-6)
-    assert loaded.get_config()["layers"] == 2
+    assert (loaded.get_config()["layers"], loaded.get_config()["dropout"]) == (2, 0.25)
 
 
 def test_a_prior_saved_before_it_moved_out_of_modules_py_still_loads():
@@ -135,3 +150,4 @@ def test_a_prior_saved_before_it_moved_out_of_modules_py_still_loads():
     np.testing.assert_allclose(loaded(codes).numpy(),
                                np.load(FIXTURES / "prior_saved_from_modules_py_logits.npy"),
                                atol=1e-6)
+    assert loaded.get_config()["dropout"] == 0.0  # saved before dropout existed: none

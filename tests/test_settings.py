@@ -20,6 +20,8 @@ from test_train import copy_run
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
     (["--beta", "-1"], "--beta must be a number >= 0"),
     (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    (["--prior-dropout", "1"], "--prior-dropout must be at least 0 and below 1"),
+    (["--prior-dropout", "-0.1"], "--prior-dropout must be at least 0 and below 1"),
     (["--out", __file__], "is, or is inside, a file, not a folder"),
 ])
 def test_impossible_settings_are_refused_before_any_work(argv, message, capsys):
@@ -120,6 +122,23 @@ def test_a_new_prior_on_a_run_saved_with_batches_of_32_keeps_them_unless_told(tr
     assert kept.prior_batch_size == 32  # a saved run keeps its settings
     told, _ = parse_args(["--prior-only", "--out", str(out), "--prior-batch-size", "8"])
     assert told.prior_batch_size == 8
+
+
+def test_a_config_json_saved_before_prior_dropout_reads_none_and_a_new_prior_may_set_it(
+        trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    del config["train"]["prior_dropout"]
+    (out / "config.json").write_text(json.dumps(config))
+    resumed, _ = parse_args(["--resume", "--out", str(out), "--epochs", "3"])
+    assert resumed.prior_dropout == 0.0
+    with pytest.raises(SystemExit):  # dropout is part of the saved prior
+        parse_args(["--resume", "--out", str(out), "--prior-dropout", "0.1"])
+    assert "--prior-dropout 0.1 (the run has 0.0)" in capsys.readouterr().err
+    for path in out.glob("prior_*"):
+        path.unlink()
+    new_prior, _ = parse_args(["--prior-only", "--out", str(out), "--prior-dropout", "0.1"])
+    assert new_prior.prior_dropout == 0.1
 
 
 # --- --purpose --------------------------------------------------------------------------------

@@ -188,9 +188,11 @@ def test_prior_only_adds_a_prior_to_a_vqvae_run(oasis_root, tmp_path, capsys):
     assert not (out / "prior_state.json").exists()
     # saved with --prior-epochs 0; a plain --prior-only takes the default instead
     assert train.parse_args(["--prior-only", "--out", str(out)])[0].prior_epochs == 20
-    train.main(["--prior-only", "--prior-epochs", "1", "--prior-width", "4", "--out", str(out)])
+    train.main(["--prior-only", "--prior-epochs", "1", "--prior-width", "4", "--prior-dropout",
+                "0.3", "--out", str(out)])
     assert json.loads((out / "prior_state.json").read_text())["epochs_done"] == 1
-    assert json.loads((out / "config.json").read_text())["prior"]["width"] == 4
+    prior = json.loads((out / "config.json").read_text())["prior"]
+    assert (prior["width"], prior["dropout"]) == (4, 0.3)
     for argv, message in [([], "holds a prior already: continue it with --resume"),
                           (["--width", "16"], "contradict them: --width 16 .the run has 8."),
                           (["--resume"], "--resume and --prior-only do not go together")]:
