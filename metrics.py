@@ -198,14 +198,13 @@ INTENSITY_BINS = (BRAIN_THRESHOLD, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)  # the first:
 
 
 def brain_histogram(images, bins=INTENSITY_BINS):
-    """Fractions of the brain's pixels (above BRAIN_THRESHOLD) in each intensity bin
-    [bins[i], bins[i + 1]) (the last one includes 1.0), averaged over images (N, H, W, 1)
-    that have any brain (zeros if none has). Says where brain_intensity's difference comes
-    from: e.g. too little dark CSF (the first bin), or too much bright white matter (the last).
-    """
+    """images (N, H, W, 1) in [0, 1] -> a list of len(bins) - 1 floats: the fractions of the
+    brain's pixels (above BRAIN_THRESHOLD) in each intensity bin [bins[i], bins[i + 1]), the
+    last one open above, averaged over the images that have any brain (zeros if none has).
+    Says where brain_intensity's difference comes from: e.g. too little dark CSF (the first
+    bin), or too much of the brightest white matter (the last)."""
     edges = np.array(bins, np.float64)
-    edges[-1] = np.nextafter(edges[-1], np.inf)  # so that 1.0 falls in the last bin
+    edges[-1] = np.inf  # every brain pixel falls in a bin
     brains = [image[image > BRAIN_THRESHOLD] for image in images]
     rows = [np.histogram(brain, edges)[0] / brain.size for brain in brains if brain.size]
     return np.mean(rows, axis=0).tolist() if rows else [0.0] * (len(bins) - 1)
-

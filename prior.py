@@ -98,8 +98,8 @@ class GatedBlock(layers.Layer):
         h_pre = hconv(h) + Wvh v_pre + Wh p         (B, h, w, 2F)
         h'    = h + W1 dropout(gate(h_pre))         (no residual in the type A layer)
 
-Dropout (rate `dropout`, training only) zeroes features of the horizontal stack's update;
-the sampler and evaluation never drop anything.
+    Dropout (rate `dropout`, training only) zeroes features of the horizontal stack's update;
+    evaluation and the sampler never drop anything.
 
     v at row r only ever depends on codes in rows < r, so the horizontal stack may add it at the
     same position. The position term (a learned map, not data) tells every layer where it is
@@ -129,9 +129,11 @@ the sampler and evaluation never drop anything.
     def horizontal(self, h, link):
         return self.horizontal_from(self.hconv(h), h, link)
 
-    def horizontal_from(self, conv, h, link):
-        """The horizontal stack given hconv's output, its input h (..., F) and the link."""
-        out = self.h_out(self.dropout(gate(conv + link)))
+    def horizontal_from(self, conv, h, link, sampling=False):
+        """The horizontal stack given hconv's output, its input h (..., F) and the link;
+        dropout as the surrounding Keras call says (training or not), never when sampling."""
+        update = gate(conv + link)
+        out = self.h_out(update if sampling else self.dropout(update))
         return out if self.mask_type == "A" else h + out
 
     def get_config(self):
@@ -341,7 +343,7 @@ class PixelCNNPrior(keras.Model):
         h, updated = left, []
         for block, cache, link in zip(self.blocks, caches, links):
             cache, conv = block.hconv.step(cache, h)
-            h = block.horizontal_from(conv, h, link)
+            h = block.horizontal_from(conv, h, link, sampling=True)
             updated.append(cache)
         return tuple(updated), self._logits(h)
 

@@ -149,6 +149,21 @@ def test_a_prior_step_on_two_replicas_equals_one_on_one_device(two_replicas):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
 
 
+def test_a_prior_with_dropout_trains_on_two_replicas(two_replicas):
+    """Dropout's masks are random, so no step equals one on one device; it must still run
+    under the strategy, learn, and leave the replicas' weights alike."""
+    codes = np.tile(np.arange(6, dtype="int32")[None, :, None], (8, 1, 6))  # rows count up
+    with two_replicas.scope():
+        keras.utils.set_random_seed(0)
+        prior = PixelCNNPrior(grid_size=6, codebook_size=10, width=8, layers=2, kernel_size=3,
+                              position_dim=4, dropout=0.5)
+        prior.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    bits = prior.fit(tf.data.Dataset.from_tensors(codes).repeat(20), verbose=0).history
+    assert np.isfinite(bits["bits_per_code"][0]) and prior.evaluate(codes, verbose=0) < 2.0
+    first, second = on_each_replica(two_replicas, prior.blocks[1].h_out.kernel)
+    np.testing.assert_array_equal(first, second)
+
+
 def test_tf_config_says_which_worker_this_is(monkeypatch):
     cluster = {"worker": ["a:1", "b:2"]}
     for task, expected in [({"type": "worker", "index": 0}, (2, 0, True)),

@@ -50,13 +50,15 @@ def test_brain_intensity_averages_the_brain_pixels_and_ignores_background_and_bl
 def test_brain_histogram_gives_the_fractions_of_brain_pixels_per_intensity_bin():
     slices = np.zeros((3, 8, 8, 1), np.float32)
     slices[0, 2:6, 2:6] = 0.1                          # 16 brain pixels: 12 dark, 4 at 1.0
-    slices[0, 2, 2:6] = 1.0
+    slices[0, 2, 2:6] = 1.0                            # (1.0 and above: the last bin)
     slices[1, 2:6, 2:6], slices[1, 3, 3] = 0.5, 0.03   # 15 mid-grey, one below the threshold
     assert metrics.INTENSITY_BINS[0] == metrics.BRAIN_THRESHOLD
     np.testing.assert_allclose(metrics.brain_histogram(slices),
                                [(0.75 + 0) / 2, 0, 0, (0 + 1) / 2, 0, (0.25 + 0) / 2])
     assert metrics.brain_histogram(slices[2:]) == [0.0] * 6  # no brain anywhere
     assert metrics.brain_histogram(slices, bins=(0.05, 0.5, 1.0)) == [0.375, 0.625]
+    slices[1, 2, 2] = 1.5  # out of range, still counted: the fractions keep summing to 1
+    assert metrics.brain_histogram(slices[1:2])[-1] == pytest.approx(1 / 15)
 
 
 def test_pairwise_ms_ssim_is_one_for_copies_and_lower_for_different_slices():

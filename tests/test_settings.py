@@ -124,7 +124,7 @@ def test_a_new_prior_on_a_run_saved_with_batches_of_32_keeps_them_unless_told(tr
     assert told.prior_batch_size == 8
 
 
-def test_a_config_json_saved_before_prior_dropout_reads_none_and_a_new_prior_may_set_it(
+def test_a_config_json_saved_before_prior_dropout_reads_zero_and_a_new_prior_may_set_it(
         trained_run, tmp_path, capsys):
     out = copy_run(trained_run, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
