@@ -8,7 +8,7 @@
     realism       Fréchet distance between feature statistics of two sets of images, and its
                   mean term (how far apart the average features are); the same on slices
                   standardised to one brightness and contrast; the mean brightness inside the
-                  brain
+                  brain, and the share of its pixels in each band of brightness (histogram)
 
 Images are float32 (N, H, W, 1) in [0, 1]; code maps are int32 (N, h, w).
 """
