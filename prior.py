@@ -151,19 +151,38 @@ class PixelCNNPrior(keras.Model):
     logits. Trained by cross-entropy, reported in bits per code (log2 K for a uniform guess).
     `sample` draws new code maps, caching its work so that drawing a map costs about one
     whole-map forward pass.
+
+    Conditional (condition_codebook > 0; the bottom prior of two_level.py): every call also
+    takes a condition, a code map (B, condition_grid, condition_grid) of another codebook, all
+    known in advance. Its embedding, through a small convolutional net and upsampled to the
+    grid, joins the position map (B, h, w, P + F), so every layer sees it where it sees the
+    position; no mask is needed, as no code of the condition is ever drawn by this prior.
     """
 
     def __init__(self, grid_size=32, codebook_size=512, width=64, layers=12, kernel_size=3,
-                 position_dim=16, dropout=0.0, **kwargs):
+                 position_dim=16, dropout=0.0, condition_grid=0, condition_codebook=0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.hparams = dict(grid_size=grid_size, codebook_size=codebook_size, width=width,
                             layers=layers, kernel_size=kernel_size, position_dim=position_dim,
-                            dropout=dropout)
+                            dropout=dropout, condition_grid=condition_grid,
+                            condition_codebook=condition_codebook)
         self.grid_size, self.codebook_size = grid_size, codebook_size
         self.embed = keras.layers.Embedding(codebook_size, width)
         self.position = self.add_weight(shape=(1, grid_size, grid_size, position_dim),
                                         initializer=keras.initializers.RandomNormal(0, 0.1),
                                         name="position")
+        self.conditional = condition_codebook > 0
+        if self.conditional:
+            if condition_grid < 1 or grid_size % condition_grid:
+                raise ValueError(f"condition_grid must divide grid_size {grid_size}, got "
+                                 f"{condition_grid}")
+            self.condition_net = [
+                keras.layers.Embedding(condition_codebook, width),
+                keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+                keras.layers.UpSampling2D(grid_size // condition_grid),
+                keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+                keras.layers.Conv2D(width, 1)]
         self.blocks = [GatedBlock(width, kernel_size, "A" if i == 0 else "B", dropout,
                                   name=f"gated_{i}") for i in range(layers)]
         self.head = [keras.layers.Dense(width),
@@ -172,16 +191,33 @@ class PixelCNNPrior(keras.Model):
         self.build((None, grid_size, grid_size))
 
     def build(self, input_shape):
-        self.call(ops.zeros((1, *input_shape[1:]), "int32"))  # creates every weight once
+        grid = self.hparams["condition_grid"]
+        condition = ops.zeros((1, grid, grid), "int32") if self.conditional else None
+        self.call(ops.zeros((1, *input_shape[1:]), "int32"), condition)  # every weight, once
 
     @property
     def metrics(self):
         return [self.bits]
 
-    def call(self, codes):
-        """codes (B, h, w) -> logits (B, h, w, K)."""
+    def call(self, codes, condition=None):
+        """codes (B, h, w) [, condition (B, hc, wc)] -> logits (B, h, w, K)."""
         x = self.embed(codes)
-        return self._head(x, self._links(x, self.position))
+        return self._head(x, self._links(x, self.positions(condition)))
+
+    def positions(self, condition=None):
+        """What every layer adds where it is: the position map (1, h, w, P), or for a
+        conditional prior the position map and the condition's features (B, h, w, P + F)."""
+        if (condition is None) == self.conditional:
+            raise ValueError("a conditional prior needs a condition (the code maps it is "
+                             "conditioned on), an unconditional one takes none")
+        if condition is None:
+            return self.position
+        features = condition
+        for layer in self.condition_net:
+            features = layer(features)
+        batch = ops.shape(features)[0]
+        position = ops.cast(ops.tile(self.position, (batch, 1, 1, 1)), features.dtype)
+        return ops.concatenate([position, features], axis=-1)
 
     def _links(self, x, position):
         """The vertical stack over x: one link (B, rows, w, 2F) per block."""
@@ -204,24 +240,29 @@ class PixelCNNPrior(keras.Model):
             h = dense(ops.relu(h))
         return h
 
-    def bits_per_code(self, codes, training=False):
+    def bits_per_code(self, codes, condition=None, training=False):
         """Mean cross-entropy of the codes under the model, in bits."""
-        logits = self(codes, training=training)
+        logits = self(codes, condition, training=training)
         nats = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
         return ops.mean(nats) / math.log(2.0)
 
-    def train_step(self, codes):
+    def train_step(self, data):
+        """data: code maps, or (code maps, condition maps) for a conditional prior."""
+        codes, condition = data if isinstance(data, tuple) else (data, None)
         with tf.GradientTape() as tape:
-            loss = self.bits_per_code(codes, training=True)
+            loss = self.bits_per_code(codes, condition, training=True)
             # / replicas (the optimizer sums their gradients); x loss scale for mixed_float16
             scaled_loss = self.optimizer.scale_loss(scale_for_replicas(loss))
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         return self._record(ops.shape(codes)[0], loss)
 
-    def test_step(self, codes):
+    def test_step(self, data):
+        codes, condition = data if isinstance(data, tuple) else (data, None)
         codes, count = never_empty(codes)
-        return self._record(count, self.bits_per_code(codes))
+        if condition is not None:
+            condition = never_empty(condition)[0]
+        return self._record(count, self.bits_per_code(codes, condition))
 
     def _record(self, count, bits):
         """Weigh by the `count` code maps of the batch, so the result is the mean over maps
@@ -232,7 +273,8 @@ class PixelCNNPrior(keras.Model):
 
     def sampler(self, count, temperature=1.0, seed=None, top_k=0):
         """A traced function that draws `count` code maps (count, h, w) int32 per call, all in
-        parallel, in raster order. Tracing takes seconds, so it is done here, once.
+        parallel, in raster order (a conditional prior's takes the condition maps (count, hc,
+        wc) int32). Tracing takes seconds, so it is done here, once.
 
         Each step samples code (r, c) from softmax(logits / temperature) with
         keras.random.categorical, over only the `top_k` likeliest codes when top_k > 0 (and
@@ -252,25 +294,35 @@ class PixelCNNPrior(keras.Model):
             return keras.random.categorical(logits / temperature, 1, dtype="int32",
                                             seed=generator)[:, 0]
 
-        draw = tf.function(lambda: self._raster(count, pick)[0])
-        draw.get_concrete_function()
+        if not self.conditional:
+            draw = tf.function(lambda: self._raster(count, pick)[0])
+            draw.get_concrete_function()
+            return draw
+        grid = self.hparams["condition_grid"]
+        draw = tf.function(lambda condition: self._raster(count, pick, condition=condition)[0])
+        draw.get_concrete_function(tf.TensorSpec((count, grid, grid), tf.int32))
         return draw
 
-    def sample(self, count, temperature=1.0, seed=None, top_k=0):
+    def sample(self, count, temperature=1.0, seed=None, top_k=0, condition=None):
         """`count` new code maps (count, h, w) int32; see `sampler`."""
-        return self.sampler(count, temperature, seed, top_k)()
+        draw = self.sampler(count, temperature, seed, top_k)
+        return draw(tf.convert_to_tensor(condition, tf.int32)) if self.conditional else draw()
 
-    def teacher_forced_logits(self, codes):
+    def teacher_forced_logits(self, codes, condition=None):
         """codes (B, h, w) -> logits (B, h, w, K), computed the sampler's way (`_raster`), but
-        fed the given codes instead of drawn ones. Equal to self(codes): the tests check it."""
+        fed the given codes instead of drawn ones. Equal to self(codes, condition): the tests
+        check it."""
         codes = tf.convert_to_tensor(codes, tf.int32)
+        if condition is not None:
+            condition = tf.convert_to_tensor(condition, tf.int32)
 
         def given(logits, r, c):
             return codes[:, r, c]
 
-        return tf.function(lambda: self._raster(codes.shape[0], given, keep_logits=True)[1])()
+        return tf.function(lambda: self._raster(codes.shape[0], given, keep_logits=True,
+                                                condition=condition)[1])()
 
-    def _raster(self, count, pick, keep_logits=False):
+    def _raster(self, count, pick, keep_logits=False, condition=None):
         """The prior over `count` maps in raster order, each position's work done once, after
         Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models".
 
@@ -294,10 +346,11 @@ class PixelCNNPrior(keras.Model):
         # MatMul + BiasAdd + Add before the head's ReLU, logs errors and optimizes nothing
         vertical = tuple(tf.zeros((count, depth, size, width), dtype) for _ in self.blocks)
         above = tf.zeros((count, 1, size, width), dtype)  # the embedded row r - 1: zeros at r = 0
+        positions = self.positions(condition)  # (1 or count, h, w, .): computed once
         rows = tf.TensorArray(tf.int32, size)
         seen = tf.TensorArray(tf.float32, size * size)  # written (and stored) if keep_logits
         for r in tf.range(size):
-            vertical, links = self._next_row(vertical, above, r)
+            vertical, links = self._next_row(vertical, above, positions[:, r][:, None])
             row, seen = self._draw_row(links, pick, r, seen, keep_logits)
             above = self.embed(row[:, None])
             rows = rows.write(r, row)
@@ -307,10 +360,11 @@ class PixelCNNPrior(keras.Model):
         logits = tf.reshape(seen.stack(), (size, size, count, self.codebook_size))
         return codes, tf.transpose(logits, [2, 0, 1, 3])
 
-    def _next_row(self, caches, above, r):
-        """The vertical stack at row r from the blocks' caches (each (B, k//2 + 1, w, F)) and
-        the embedded row r - 1 (B, 1, w, F) -> (caches, links (B, 1, w, 2F) per block)."""
-        v, position, updated, links = above, self.position[:, r][:, None], [], []
+    def _next_row(self, caches, above, position):
+        """The vertical stack at row r from the blocks' caches (each (B, k//2 + 1, w, F)), the
+        embedded row r - 1 (B, 1, w, F) and row r of the position map (1 or B, 1, w, .) ->
+        (caches, links (B, 1, w, 2F) per block)."""
+        v, updated, links = above, [], []
         for block, cache in zip(self.blocks, caches):
             cache, conv = block.vconv.step(cache, v)
             v, link = block.vertical_from(conv, position)

@@ -6,6 +6,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from prior import MaskedConv2D, PixelCNNPrior
 
@@ -151,3 +152,53 @@ def test_a_prior_saved_before_it_moved_out_of_modules_py_still_loads():
                                np.load(FIXTURES / "prior_saved_from_modules_py_logits.npy"),
                                atol=1e-6)
     assert loaded.get_config()["dropout"] == 0.0  # saved before dropout existed: none
+
+
+def make_conditional_prior(grid=6, K=6, layers=3, condition_grid=3, condition_K=4):
+    keras.utils.set_random_seed(0)
+    return PixelCNNPrior(grid_size=grid, codebook_size=K, width=8, layers=layers,
+                         kernel_size=3, position_dim=4, condition_grid=condition_grid,
+                         condition_codebook=condition_K)
+
+
+def test_a_conditional_prior_sees_its_condition_and_only_earlier_codes(tmp_path):
+    """The bottom prior of two_level.py: the logits at (0, 0) already depend on the condition
+    map, never on the prior's own later codes; the sampler's cached logits equal the whole-map
+    ones; it saves and loads; and it refuses to run without its condition."""
+    prior = make_conditional_prior()
+    rng = np.random.default_rng(7)
+    codes = rng.integers(0, 6, (2, 6, 6)).astype("int32")
+    condition = rng.integers(0, 4, (2, 3, 3)).astype("int32")
+    base = prior(codes, condition).numpy()
+    other_condition = condition.copy()
+    other_condition[:, 0, 0] = (other_condition[:, 0, 0] + 1) % 4
+    assert np.abs(prior(codes, other_condition).numpy()[:, 0, 0] - base[:, 0, 0]).max() > 1e-6
+    later = codes.copy()
+    later[:, 3, 2] = (later[:, 3, 2] + 1) % 6
+    effect = np.abs(prior(later, condition).numpy() - base).max(axis=(0, 3))
+    assert np.all(effect.ravel()[:3 * 6 + 3] == 0) and effect.ravel()[3 * 6 + 3:].max() > 1e-6
+    np.testing.assert_allclose(prior.teacher_forced_logits(codes, condition).numpy(), base,
+                               atol=1e-5)
+    prior.save(tmp_path / "conditional.keras")
+    loaded = keras.models.load_model(tmp_path / "conditional.keras")
+    np.testing.assert_allclose(loaded(codes, condition).numpy(), base, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a condition"):
+        prior(codes)
+    with pytest.raises(ValueError, match="takes none"):
+        make_prior()(codes, condition)
+
+
+def test_a_conditional_prior_learns_and_samples_what_its_condition_says():
+    """Each 6x6 map is its random 3x3 condition upsampled 2x: once trained, greedy samples
+    (top_k=1) reproduce the upsampled condition they are given, so the sampler feeds the
+    condition to every position."""
+    prior = make_conditional_prior(layers=2)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-2))
+    condition = np.random.default_rng(8).integers(0, 4, (256, 3, 3)).astype("int32")
+    codes = condition.repeat(2, axis=1).repeat(2, axis=2)
+    pairs = tf.data.Dataset.from_tensor_slices((codes, condition)).batch(64)  # two_level's
+    prior.fit(pairs, epochs=30, verbose=0)
+    assert float(prior.bits_per_code(codes[:32], condition[:32])) < 0.1
+    fresh = np.random.default_rng(9).integers(0, 4, (16, 3, 3)).astype("int32")
+    drawn = prior.sample(16, seed=0, top_k=1, condition=fresh).numpy()
+    assert (drawn == fresh.repeat(2, axis=1).repeat(2, axis=2)).mean() > 0.98
