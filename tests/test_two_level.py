@@ -1,0 +1,83 @@
+"""two_level.py: the two-level VQ-VAE, the packing that lets predict.py measure it, and the
+experiment end to end on a tiny folder of slices."""
+
+import json
+
+import keras
+import numpy as np
+
+import two_level
+from conftest import write_slices
+from prior import PixelCNNPrior
+
+
+def make_model():
+    keras.utils.set_random_seed(0)
+    return two_level.TwoLevelVQVAE(image_size=32, width=8, code_dim=4, codebook_size=16,
+                                   seed=0)
+
+
+def test_two_level_codes_have_both_grids_and_decode_to_the_reconstructions(tmp_path):
+    """Encoding gives a top map at 1/8 and a bottom map at 1/4 of the image; decoding them
+    gives what the model reconstructs; training steps run and the model loads as saved."""
+    model = make_model()
+    images = np.random.default_rng(0).uniform(size=(4, 32, 32, 1)).astype("float32")
+    top, bottom = (codes.numpy() for codes in model.encode(images))
+    assert top.shape == (4, 4, 4) and bottom.shape == (4, 8, 8)
+    assert 0 <= top.min() and max(top.max(), bottom.max()) < 16
+    np.testing.assert_allclose(model.decode_codes(top, bottom).numpy(), model(images).numpy(),
+                               atol=1e-5)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logs = model.fit(images, epochs=2, batch_size=4, verbose=0).history
+    assert np.isfinite(logs["loss"]).all() and logs["loss"][1] < logs["loss"][0]
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert isinstance(loaded, two_level.TwoLevelVQVAE)
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
+
+
+def test_the_generator_packs_both_levels_and_scores_every_code():
+    """Packing and unpacking are inverse; the bits per code are the mean over all codes of
+    both levels (the top map's 16 and the bottom map's 64); decode_all decodes packed maps."""
+    model = make_model()
+    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3)
+    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
+                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    generator = two_level.TwoLevelGenerator(model, top_prior, bottom_prior)
+    rng = np.random.default_rng(1)
+    top, bottom = rng.integers(0, 16, (3, 4, 4)), rng.integers(0, 16, (3, 8, 8))
+    packed = generator.pack(top, bottom)
+    assert packed.shape == (3, 16 + 64)
+    for given, back in zip((top, bottom), generator.unpack(packed)):
+        np.testing.assert_array_equal(given, back)
+    top_bits, bottom_bits = generator.level_bits(packed)
+    assert np.isclose(generator.bits_per_code(packed), (16 * top_bits + 64 * bottom_bits) / 80)
+    np.testing.assert_allclose(generator.decode_all(packed),
+                               model.decode_codes(top, bottom).numpy(), atol=1e-6)
+    drawn = generator.sampler(2, seed=0)()
+    assert drawn.shape == (2, 80) and drawn.min() >= 0 and drawn.max() < 16
+
+
+def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
+    """Each stage trains for one epoch (its time limit), the samples are measured like
+    predict.py's, and a second call loads the finished stages instead of training again."""
+    train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
+    val_dir = write_slices(tmp_path / "validate", 8, seed=1, size=32)
+    out = tmp_path / "out"
+    argv = ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--out", str(out),
+            "--image-size", "32", "--width", "8", "--code-dim", "4", "--codebook-size", "16",
+            "--batch-size", "8", "--top-prior", "8", "2", "3", "--bottom-prior", "8", "2", "3",
+            "--minutes", "0.001", "0.001", "0.001", "--generate", "4"]
+    two_level.main(argv)
+    for prefix in ("", "top_prior_", "bottom_prior_"):
+        state = json.loads((out / f"{prefix}state.json").read_text())
+        assert state["epochs_done"] == 1 and state["finished"]
+    report = json.loads((out / "generate" / "generation_report.json").read_text())
+    assert report["samples"] == 4 and report["code_maps"] == [[4, 4], [8, 8]]
+    levels = report["bits_per_test_code_by_level"]
+    assert 0 < levels["top"] < 8 and 0 < levels["bottom"] < 8  # log2 16 = 4 plus an untrained
+    assert set(report["metrics"]["frechet_distance"]) >= {"samples", "test_reconstructions"}
+    assert len(list((out / "generate").glob("sample_*.png"))) == 4
+    logs = {path.name: path.read_text() for path in out.glob("*training_log.csv")}
+    two_level.main(argv[:-2] + ["--generate", "0"])
+    assert logs == {path.name: path.read_text() for path in out.glob("*training_log.csv")}

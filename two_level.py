@@ -1,0 +1,347 @@
+"""The two-level code of VQ-VAE-2 (Razavi et al. 2019), tried against the one-level pipeline:
+a 32x32 top map that the top prior draws, and a 64x64 bottom map for the detail, drawn by a
+second prior conditioned on the top map. Shapes for 256 x 256 slices, W channels, D code dim:
+
+    images (B, 256, 256, 1) -> bottom encoder -> features (B, 64, 64, W)
+    features -> top encoder -> quantizer -> z_q top (B, 32, 32, D), top codes (B, 32, 32)
+    [features, top decoder(z_q top) (B, 64, 64, W)] -> 1x1 -> quantizer
+                                       -> z_q bottom (B, 64, 64, D), bottom codes (B, 64, 64)
+    [z_q bottom, upsample(z_q top) (B, 64, 64, D)] -> decoder -> reconstructions
+
+The top code carries the layout, the bottom one the detail the top decoder cannot predict.
+Both codebooks have K codes and train by EMA like modules.VectorQuantizer's.
+
+    python two_level.py --train-dir ../shared/data/brain-slices/train \\
+        --val-dir ../shared/data/brain-slices/validate --minutes 20 12 15 --out out/two_level
+
+trains the three stages one after the other, each to its time limit (a stage already finished
+in --out is loaded, one cut short resumes), then draws --generate slices and measures them
+with predict.py's metrics into generate/generation_report.json, as `predict.py --generate`
+does for a one-level run.
+"""
+
+import argparse
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+import dataset  # noqa: E402
+import modules  # noqa: E402
+import predict  # noqa: E402
+import train  # noqa: E402
+from modules import PACKAGE, Decoder, Encoder, ResidualBlock, VectorQuantizer  # noqa: E402
+from monitor import (Checkpoints, WallClock, load_checkpoint, read_json,  # noqa: E402
+                     remove_leftovers, write_json)
+from prior import PixelCNNPrior  # noqa: E402
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TwoLevelVQVAE(modules.VQVAE):
+    """The two-level autoencoder above; `model(images)` returns reconstructions in [0, 1].
+
+    It trains and is scored by VQVAE's steps, loss and trackers (its `forward` has the same
+    contract): loss = mean((x - x_hat)^2) / data_variance + both quantizers' commitment losses;
+    the perplexity and codebook usage tracked are the bottom code's.
+    """
+
+    def __init__(self, image_size=256, width=64, res_blocks=1, code_dim=32, codebook_size=512,
+                 beta=0.25, ema_decay=0.99, dead_code_steps=100, data_variance=1.0, seed=None,
+                 **kwargs):
+        keras.Model.__init__(self, **kwargs)  # VQVAE's steps and trackers, not its layers
+        self.hparams = dict(image_size=image_size, width=width, res_blocks=res_blocks,
+                            code_dim=code_dim, codebook_size=codebook_size, beta=beta,
+                            ema_decay=ema_decay, dead_code_steps=dead_code_steps,
+                            data_variance=data_variance, seed=seed)
+        if image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+        self.codebook_size, self.data_variance = codebook_size, data_variance
+        quantizer = lambda name, seed: VectorQuantizer(  # noqa: E731
+            codebook_size, code_dim, beta, True, ema_decay, dead_code_steps, seed=seed, name=name)
+        self.bottom_encoder = Encoder(4, width, res_blocks, width, name="bottom_encoder")
+        self.top_encoder = Encoder(2, width, res_blocks, code_dim, name="top_encoder")
+        self.top_quantizer = quantizer("top_quantizer", seed)
+        self.top_decoder = [layers.Conv2D(width, 3, padding="same", activation="relu")]
+        self.top_decoder += [ResidualBlock(width) for _ in range(res_blocks)]
+        self.top_decoder.append(layers.Conv2DTranspose(width, 4, strides=2, padding="same",
+                                                       activation="relu"))
+        self.bottom_project = layers.Conv2D(code_dim, 1, dtype="float32")  # like Encoder's
+        self.bottom_quantizer = quantizer("bottom_quantizer", None if seed is None else seed + 1)
+        self.top_upsample = layers.Conv2DTranspose(code_dim, 4, strides=2, padding="same")
+        self.decoder = Decoder(4, width, res_blocks, name="decoder")
+        names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "codebook_usage",
+                 "ssim", "psnr"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self.build((None, image_size, image_size, 1))
+
+    def forward(self, images, training=False):
+        """images (B, H, W, 1) -> (raw reconstructions (B, H, W, 1), bottom codes (B, H/4, W/4),
+        vq_loss of both levels)."""
+        features = self.bottom_encoder(images)
+        z_q_top, _, top_loss = self.top_quantizer(self.top_encoder(features), training=training)
+        z_q_bottom, bottom_codes, bottom_loss = self.bottom_quantizer(
+            self._bottom_vectors(features, z_q_top), training=training)
+        return self._decode(z_q_top, z_q_bottom), bottom_codes, top_loss + bottom_loss
+
+    def _bottom_vectors(self, features, z_q_top):
+        """The bottom encoder's features and what the top code already says about them."""
+        top = z_q_top
+        for layer in self.top_decoder:
+            top = layer(top)
+        return self.bottom_project(ops.concatenate([features, ops.cast(top, features.dtype)],
+                                                   axis=-1))
+
+    def _decode(self, z_q_top, z_q_bottom):
+        top = ops.cast(self.top_upsample(z_q_top), z_q_bottom.dtype)
+        return self.decoder(ops.concatenate([z_q_bottom, top], axis=-1))
+
+    def encode(self, images):
+        """images (B, H, W, 1) -> (top codes (B, H/8, W/8), bottom codes (B, H/4, W/4))."""
+        features = self.bottom_encoder(images)
+        top_codes = self.top_quantizer.nearest_codes(self.top_encoder(features))
+        z_q_top = self.top_quantizer.lookup(top_codes)
+        bottom = self.bottom_quantizer.nearest_codes(self._bottom_vectors(features, z_q_top))
+        return top_codes, bottom
+
+    def decode_codes(self, top_codes, bottom_codes):
+        """(top codes, bottom codes) -> images (B, H, W, 1) in [0, 1]."""
+        z_q_top = self.top_quantizer.lookup(top_codes)
+        z_q_bottom = self.bottom_quantizer.lookup(bottom_codes)
+        return ops.clip(self._decode(z_q_top, z_q_bottom), 0.0, 1.0)
+
+    def encode_all(self, batches):
+        """An iterable of image batches -> (top code maps, bottom code maps), int32 numpy."""
+        size = self.hparams["image_size"]
+        spec = tf.TensorSpec((None, size, size, 1), tf.float32)
+        encode = tf.function(self.encode, input_signature=[spec])  # traced once
+        pairs = [[codes.numpy() for codes in encode(batch)] for batch in batches]
+        return tuple(np.concatenate(level) for level in zip(*pairs))
+
+    def decode_all(self, top_codes, bottom_codes, batch_size=32):
+        """Code maps of both levels -> images (N, H, W, 1) numpy, in batches."""
+        return np.concatenate([
+            self.decode_codes(top_codes[i:i + batch_size], bottom_codes[i:i + batch_size])
+            .numpy() for i in range(0, len(top_codes), batch_size)])
+
+
+class TwoLevelGenerator:
+    """Both levels' code maps packed into one (N, h_top * w_top + h_bottom * w_bottom) array
+    per slice (top first), so that predict.generation_metrics measures a two-level model as it
+    does a one-level one: it plays both the VQ-VAE (encode_all, decode_all, codebook_size)
+    and the prior (bits_per_code: the mean over every code of both levels)."""
+
+    def __init__(self, vqvae, top_prior, bottom_prior):
+        self.vqvae, self.top_prior, self.bottom_prior = vqvae, top_prior, bottom_prior
+        self.codebook_size = vqvae.codebook_size
+        self.top_shape = (top_prior.grid_size,) * 2
+        self.bottom_shape = (bottom_prior.grid_size,) * 2
+
+    def pack(self, top_codes, bottom_codes):
+        count = len(top_codes)
+        return np.concatenate([np.reshape(top_codes, (count, -1)),
+                               np.reshape(bottom_codes, (count, -1))], axis=1)
+
+    def unpack(self, packed):
+        packed, split = np.asarray(packed), int(np.prod(self.top_shape))
+        return (packed[:, :split].reshape(-1, *self.top_shape),
+                packed[:, split:].reshape(-1, *self.bottom_shape))
+
+    def encode_all(self, batches):
+        return self.pack(*self.vqvae.encode_all(batches))
+
+    def decode_all(self, packed, batch_size=32):
+        return self.vqvae.decode_all(*self.unpack(packed), batch_size)
+
+    def level_bits(self, packed):
+        """Packed code maps -> (bits per top code, bits per bottom code) under the priors."""
+        top, bottom = self.unpack(packed)
+        return (float(self.top_prior.bits_per_code(top)),
+                float(self.bottom_prior.bits_per_code(bottom, top)))
+
+    def bits_per_code(self, packed):
+        top_bits, bottom_bits = self.level_bits(packed)
+        top_count, bottom_count = np.prod(self.top_shape), np.prod(self.bottom_shape)
+        return (top_bits * top_count + bottom_bits * bottom_count) / (top_count + bottom_count)
+
+    def sampler(self, count, temperature=1.0, seed=None):
+        """A function that draws `count` packed code maps per call: the top prior's maps, then
+        the bottom prior's conditioned on them (both samplers traced here, once)."""
+        draw_top = self.top_prior.sampler(count, temperature, seed)
+        draw_bottom = self.bottom_prior.sampler(count, temperature,
+                                                None if seed is None else seed + 1)
+
+        def draw():
+            top = draw_top()
+            return self.pack(top.numpy(), draw_bottom(top).numpy())
+
+        return draw
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train-dir", required=True, help="folder of training slices")
+    parser.add_argument("--val-dir", required=True, help="folder of validation slices")
+    parser.add_argument("--test-dir", default="", help="slices the samples are measured "
+                        "against (default: --val-dir)")
+    parser.add_argument("--out", default="out/two_level", help="output folder")
+    parser.add_argument("--minutes", type=float, nargs=3, default=[40.0, 25.0, 25.0],
+                        metavar=("FIRST", "TOP", "BOTTOM"),
+                        help="time limits of the first stage, the top prior and the bottom "
+                             "prior (as train.py's --time-limit)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--res-blocks", type=int, default=1)
+    parser.add_argument("--code-dim", type=int, default=32)
+    parser.add_argument("--codebook-size", type=int, default=512, help="K of each level")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prior-batch-size", type=int, default=8)
+    parser.add_argument("--top-prior", type=int, nargs=3, default=[64, 8, 5],
+                        metavar=("WIDTH", "LAYERS", "KERNEL"), help="the top prior's size")
+    parser.add_argument("--bottom-prior", type=int, nargs=3, default=[32, 6, 3],
+                        metavar=("WIDTH", "LAYERS", "KERNEL"),
+                        help="the bottom prior's size: 4x the positions of the top map, so "
+                             "smaller, and it knows the layout from the top map")
+    parser.add_argument("--generate", type=int, default=256, help="slices to draw (0: none)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def fit_stage(out, prefix, build, train_ds, val_ds, minutes, describe):
+    """Train one stage to its time limit, saving {prefix}last.keras, {prefix}best.keras (best
+    validation SSIM for the autoencoder, bits per code for a prior) and {prefix}state.json each
+    epoch (monitor.Checkpoints); a finished stage is only loaded, one cut short resumes.
+    -> the stage's best model."""
+    state_path = out / f"{prefix}state.json"
+    state = read_json(state_path) if state_path.exists() else {}
+    if not state.get("finished"):
+        model = load_checkpoint(out / f"{prefix}last.keras") if state else build()
+        first_stage = isinstance(model, modules.VQVAE)
+        monitor, loss = ("val_ssim", "loss") if first_stage else ("val_bits_per_code",
+                                                                 "bits_per_code")
+        log = out / f"{prefix}training_log.csv"
+        callbacks = [WallClock(EPOCHS, minutes, state.get("elapsed_minutes", 0.0) * 60,
+                               describe, name=prefix),
+                     keras.callbacks.CSVLogger(str(log), append=bool(state)),
+                     keras.callbacks.TerminateOnNaN(),
+                     Checkpoints(out, state, prefix, monitor, first_stage, log=log)]
+        if not train.time_is_up(minutes, state):
+            train.fit(model, train_ds, val_ds, EPOCHS, state, callbacks, loss,
+                      "the learning rate")
+        state["finished"] = True
+        write_json(state, state_path)
+    return load_checkpoint(out / f"{prefix}best.keras")
+
+
+EPOCHS = 1000  # each stage stops at its time limit
+
+
+def code_datasets(codes, batch_size, seed):
+    """{split: (inputs, condition or None)} -> {split: tf.data batches}, training shuffled."""
+    def batches(split, shuffle):
+        maps, condition = codes[split]
+        data = tf.data.Dataset.from_tensor_slices(maps if condition is None
+                                                  else (maps, condition))
+        return (data.shuffle(len(maps), seed=seed) if shuffle else data).batch(batch_size)
+
+    return batches("train", True).prefetch(tf.data.AUTOTUNE), batches("validate", False)
+
+
+def build_prior(size, grid, codebook_size, condition_grid=0):
+    """A fresh top prior, or with a condition_grid a bottom prior conditioned on the top."""
+    width, layers_, kernel = size
+    prior = PixelCNNPrior(grid_size=grid, codebook_size=codebook_size, width=width,
+                          layers=layers_, kernel_size=kernel, condition_grid=condition_grid,
+                          condition_codebook=codebook_size if condition_grid else 0)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return prior
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)  # what a killed run was writing
+    keras.utils.set_random_seed(args.seed)
+    keras.mixed_precision.set_global_policy(train.choose_precision("auto"))
+    try:
+        paths = {split: dataset.list_images(folder) for split, folder in
+                 (("train", args.train_dir), ("validate", args.val_dir),
+                  ("test", args.test_dir or args.val_dir))}
+    except dataset.DataError as error:
+        sys.exit(f"error: {error}")
+    images = {split: dataset.load_split(paths[split], args.image_size, args.batch_size,
+                                        shuffle=split == "train", seed=args.seed)
+              for split in ("train", "validate")}
+
+    def build_vqvae():
+        variance = train.pixel_variance(paths["train"], args.train_dir, args)
+        model = TwoLevelVQVAE(args.image_size, args.width, args.res_blocks, args.code_dim,
+                              args.codebook_size, data_variance=variance, seed=args.seed)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        return model
+
+    vqvae = fit_stage(out, "", build_vqvae, images["train"], images["validate"],
+                      args.minutes[0], lambda logs: f"val SSIM {logs['val_ssim']:.4f}")
+    started = time.time()
+    codes = {split: vqvae.encode_all(dataset.load_split(paths[split], args.image_size, 64))
+             for split in ("train", "validate")}
+    print(f"encoded both splits in {time.time() - started:.0f} s; validation code usage: "
+          + ", ".join(f"{level} {len(np.unique(maps)) / vqvae.codebook_size:.0%}" for level, maps
+                      in zip(("top", "bottom"), codes["validate"])), flush=True)
+    bits = lambda logs: f"val bits/code {logs['val_bits_per_code']:.3f}"  # noqa: E731
+    top_grid, bottom_grid, K = args.image_size // 8, args.image_size // 4, vqvae.codebook_size
+    top_prior = fit_stage(
+        out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K),
+        *code_datasets({split: (top, None) for split, (top, _) in codes.items()},
+                       args.prior_batch_size, args.seed), args.minutes[1], bits)
+    bottom_prior = fit_stage(
+        out, "bottom_prior_", lambda: build_prior(args.bottom_prior, bottom_grid, K, top_grid),
+        *code_datasets({split: (bottom, top) for split, (top, bottom) in codes.items()},
+                       args.prior_batch_size, args.seed), args.minutes[2], bits)
+    if args.generate:
+        generate(args, out, TwoLevelGenerator(vqvae, top_prior, bottom_prior), paths)
+
+
+def generate(args, out, generator, paths):
+    """Draw --generate slices, save them, and measure them as predict.py --generate does."""
+    out = out / "generate"
+    out.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    draw = generator.sampler(args.generate, args.temperature, args.seed)
+    traced = time.perf_counter()
+    samples = generator.decode_all(draw())
+    seconds = time.perf_counter() - traced
+    predict.save_samples(out, samples)
+    print(f"generated {len(samples)} slices in {seconds:.1f} s: "
+          f"{len(samples) / seconds:.2f} images/s", flush=True)
+    report = {"samples": len(samples), "temperature": args.temperature, "seed": args.seed,
+              "code_maps": [list(generator.top_shape), list(generator.bottom_shape)],
+              "trace_seconds": traced - started, "seconds": seconds,
+              "images_per_second": len(samples) / seconds, "device": predict.device()}
+    settings = types.SimpleNamespace(batch_size=args.batch_size, seed=args.seed)
+    config = {"train": {"image_size": args.image_size}}
+    report["metrics"] = predict.generation_metrics(
+        settings, generator, generator, config, samples, paths["test"], paths["train"], out)
+    test = predict.load_images(paths["test"], args.image_size, args.batch_size)
+    test_codes = generator.encode_all(np.array_split(test, max(1, len(test) // 32)))
+    chunks = [test_codes[i:i + 32] for i in range(0, len(test_codes), 32)]
+    report["bits_per_test_code_by_level"] = dict(zip(("top", "bottom"), np.average(
+        [generator.level_bits(chunk) for chunk in chunks], axis=0,
+        weights=[len(chunk) for chunk in chunks]).tolist()))
+    write_json(report, out / "generation_report.json")
+    print(f"bits per test code: {report['bits_per_test_code_by_level']}; wrote "
+          f"{out / 'generation_report.json'}")
+
+
+if __name__ == "__main__":
+    main()
