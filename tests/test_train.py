@@ -80,7 +80,7 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     assert config.prior_time_limit == train.DEMO_PRIOR_MINUTES
     assert config.downsample == 8  # 32x32 codes, so the demo's prior learns in minutes
     assert (config.width, config.res_blocks) == (64, 1)  # a first stage sized for 5 minutes
-    assert config.prior_width == 32  # and a faster prior
+    assert (config.prior_width, config.prior_layers) == (32, 12)  # the prior measured so
     given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0",
                               "--prior-width", "16"])
     train.resolve_splits(given[0], given[1].given)
@@ -88,7 +88,8 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     assert given[0].prior_width == 16 and given[0].width == 64  # the demo sizes the rest
     sharp = train.parse_args(["--purpose", "reconstruct"])[0]
     train.resolve_splits(sharp, {"purpose"})  # the demo sizes only the generating model
-    assert (sharp.downsample, sharp.width, sharp.prior_width) == (4, 64, 64)
+    assert (sharp.downsample, sharp.width, sharp.prior_width, sharp.prior_layers) == (
+        4, 64, 64, 8)
     assert splits["train"].endswith("data/demo/keras_png_slices_train")
     assert len(dataset.list_images(splits["test"])) == 2
     assert (tmp_path / "data" / "demo" / "complete").exists()
