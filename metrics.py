@@ -61,6 +61,25 @@ def position_unigram_bits(train_codes, test_codes, codebook_size,
     return float(bits(test, strength))
 
 
+def shuffle_codes(codes, rng, levels):
+    """Each code map's codes in random places (the right code frequencies, no structure), a
+    packed map's (two_level.py) each level among its own `levels` columns."""
+    flat = codes.reshape(len(codes), -1).copy()
+    for row in flat:
+        for level in levels:
+            row[level] = rng.permutation(row[level])
+    return flat.reshape(codes.shape)
+
+
+def by_level(baseline, train_codes, test_codes, codebook_size, levels):
+    """A baseline's bits per code, taken level by level (each level has its own codebook) and
+    averaged over all codes."""
+    train, test = (codes.reshape(len(codes), -1) for codes in (train_codes, test_codes))
+    return float(np.average([baseline(train[:, level], test[:, level], codebook_size)
+                             for level in levels],
+                            weights=[test[:, level].shape[1] for level in levels]))
+
+
 def prior_bits(prior, codes, batch_size=32):
     """Mean bits per code of the code maps (N, h, w) under the prior."""
     total = sum(float(prior.bits_per_code(codes[i:i + batch_size])) * len(codes[i:i + batch_size])

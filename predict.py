@@ -329,8 +329,8 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // args.batch_size)))
     train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // args.batch_size)))
     other_codes = test_codes[picks[1::2]]
-    rng = np.random.default_rng(args.seed)
-    shuffled = np.stack([rng.permutation(c.ravel()).reshape(c.shape) for c in other_codes])
+    levels = getattr(vqvae, "levels", (slice(None),))  # two_level.py packs 2 maps per slice
+    shuffled = metrics.shuffle_codes(other_codes, np.random.default_rng(args.seed), levels)
     reconstructions = vqvae.decode_all(other_codes)
     compared = {"samples": samples, "real_test_other_half": other,
                 "test_reconstructions": reconstructions,
@@ -338,12 +338,12 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     nearest = {name: summarise(metrics.nearest_training_ssim(images, train)[0]) for name, images
                in (("samples", samples), ("real_test", real),
                    ("test_reconstructions", reconstructions))}
+    baseline = lambda bits: metrics.by_level(bits, train_codes, test_codes, K, levels)  # noqa
     result = {
         "images_compared": n,
         "bits_per_test_code": {"prior": metrics.prior_bits(prior, test_codes),
-                               "unigram": metrics.unigram_bits(train_codes, test_codes, K),
-                               "position_unigram": metrics.position_unigram_bits(
-                                   train_codes, test_codes, K),
+                               "unigram": baseline(metrics.unigram_bits),
+                               "position_unigram": baseline(metrics.position_unigram_bits),
                                "uniform": float(np.log2(K))},
         "mean_pairwise_ms_ssim": {"samples": metrics.mean_pairwise_ms_ssim(samples),
                                   "real_test": metrics.mean_pairwise_ms_ssim(real)},

@@ -2,7 +2,8 @@
 "Conditional Image Generation with PixelCNN Decoders"), trained on the codes of training
 slices, and its sampler.
 
-Shapes: codes (B, h, w) int32 in [0, K); logits (B, h, w, K) float32. Every layer is
+Shapes: codes (B, h, w) int32 in [0, K); logits (B, h, w, K) float32; for a conditional
+prior, condition maps (B, hc, wc) int32 of another codebook. Every layer is
 registered in the same Keras package as modules.py's ("vqvae"), under the names it had when it
 lived there, so .keras files saved before the move still load once this module is imported.
 """
@@ -91,7 +92,8 @@ def gate(x):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class GatedBlock(layers.Layer):
     """One gated PixelCNN layer: a vertical stack (rows above) and a horizontal stack (the row
-    so far), F channels each. With p the position embedding (1, h, w, P):
+    so far), F channels each. With p the position map (1, h, w, P), or for a conditional prior
+    the position map and the condition's features (B, h, w, P + F):
 
         v_pre = vconv(v) + Wv p                     (B, h, w, 2F)
         v'    = gate(v_pre)                         (B, h, w, F)
@@ -102,8 +104,9 @@ class GatedBlock(layers.Layer):
     evaluation and the sampler never drop anything.
 
     v at row r only ever depends on codes in rows < r, so the horizontal stack may add it at the
-    same position. The position term (a learned map, not data) tells every layer where it is
-    in the slice, which the aligned, centred brains make very informative.
+    same position. The position term tells every layer where it is in the slice, which the
+    aligned, centred brains make very informative (and, conditioned, what the condition says
+    there: it holds no code of this map, so it needs no mask).
     """
 
     def __init__(self, filters, kernel_size=3, mask_type="B", dropout=0.0, **kwargs):
@@ -173,8 +176,11 @@ class PixelCNNPrior(keras.Model):
                                         initializer=keras.initializers.RandomNormal(0, 0.1),
                                         name="position")
         self.conditional = condition_codebook > 0
+        if self.conditional != (condition_grid > 0):
+            raise ValueError("condition_grid and condition_codebook go together: both > 0 "
+                             "for a conditional prior, both 0 for none")
         if self.conditional:
-            if condition_grid < 1 or grid_size % condition_grid:
+            if grid_size % condition_grid:
                 raise ValueError(f"condition_grid must divide grid_size {grid_size}, got "
                                  f"{condition_grid}")
             self.condition_net = [
@@ -202,22 +208,25 @@ class PixelCNNPrior(keras.Model):
     def call(self, codes, condition=None):
         """codes (B, h, w) [, condition (B, hc, wc)] -> logits (B, h, w, K)."""
         x = self.embed(codes)
-        return self._head(x, self._links(x, self.positions(condition)))
+        return self._head(x, self._links(x, self.position_map(condition)))
 
-    def positions(self, condition=None):
+    def position_map(self, condition=None):
         """What every layer adds where it is: the position map (1, h, w, P), or for a
         conditional prior the position map and the condition's features (B, h, w, P + F)."""
-        if (condition is None) == self.conditional:
-            raise ValueError("a conditional prior needs a condition (the code maps it is "
-                             "conditioned on), an unconditional one takes none")
+        self._check_condition(condition)
         if condition is None:
             return self.position
         features = condition
         for layer in self.condition_net:
             features = layer(features)
-        batch = ops.shape(features)[0]
-        position = ops.cast(ops.tile(self.position, (batch, 1, 1, 1)), features.dtype)
+        shape = (ops.shape(features)[0], *self.position.shape[1:])
+        position = ops.cast(ops.broadcast_to(self.position, shape), features.dtype)
         return ops.concatenate([position, features], axis=-1)
+
+    def _check_condition(self, condition):
+        if (condition is None) == self.conditional:
+            raise ValueError("a conditional prior needs a condition (the code maps it is "
+                             "conditioned on), an unconditional one takes none")
 
     def _links(self, x, position):
         """The vertical stack over x: one link (B, rows, w, 2F) per block."""
@@ -305,6 +314,7 @@ class PixelCNNPrior(keras.Model):
 
     def sample(self, count, temperature=1.0, seed=None, top_k=0, condition=None):
         """`count` new code maps (count, h, w) int32; see `sampler`."""
+        self._check_condition(condition)
         draw = self.sampler(count, temperature, seed, top_k)
         return draw(tf.convert_to_tensor(condition, tf.int32)) if self.conditional else draw()
 
@@ -326,8 +336,9 @@ class PixelCNNPrior(keras.Model):
         """The prior over `count` maps in raster order, each position's work done once, after
         Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models".
 
-        pick(logits (count, K) float32, r, c) -> the codes (count,) int32 at (r, c). Returns
-        (codes (count, h, w), logits (count, h, w, K) if keep_logits else None).
+        pick(logits (count, K) float32, r, c) -> the codes (count,) int32 at (r, c); condition:
+        the condition maps (count, hc, wc) of a conditional prior. Returns (codes (count, h, w),
+        logits (count, h, w, K) if keep_logits else None).
 
         Block i's vertical convolution at row r reads its input at rows r - k//2 .. r, its
         horizontal one at (r, c) the input at columns c - k//2 .. c (the type A block's input
@@ -346,7 +357,7 @@ class PixelCNNPrior(keras.Model):
         # MatMul + BiasAdd + Add before the head's ReLU, logs errors and optimizes nothing
         vertical = tuple(tf.zeros((count, depth, size, width), dtype) for _ in self.blocks)
         above = tf.zeros((count, 1, size, width), dtype)  # the embedded row r - 1: zeros at r = 0
-        positions = self.positions(condition)  # (1 or count, h, w, .): computed once
+        positions = self.position_map(condition)  # (1 or count, h, w, .): computed once
         rows = tf.TensorArray(tf.int32, size)
         seen = tf.TensorArray(tf.float32, size * size)  # written (and stored) if keep_logits
         for r in tf.range(size):

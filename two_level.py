@@ -39,8 +39,8 @@ import modules  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 from modules import PACKAGE, Decoder, Encoder, ResidualBlock, VectorQuantizer  # noqa: E402
-from monitor import (Checkpoints, WallClock, load_checkpoint, read_json,  # noqa: E402
-                     remove_leftovers, write_json)
+from monitor import (Checkpoints, WallClock, file_sha256, load_checkpoint,  # noqa: E402
+                     read_json, remove_leftovers, trim_log, write_json)
 from prior import PixelCNNPrior  # noqa: E402
 
 
@@ -63,6 +63,9 @@ class TwoLevelVQVAE(modules.VQVAE):
                             data_variance=data_variance, seed=seed)
         if image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+        if not data_variance > 0:
+            raise ValueError(f"data_variance must be positive (it divides the reconstruction "
+                             f"loss), got {data_variance}")
         self.codebook_size, self.data_variance = codebook_size, data_variance
         quantizer = lambda name, seed: VectorQuantizer(  # noqa: E731
             codebook_size, code_dim, beta, True, ema_decay, dead_code_steps, seed=seed, name=name)
@@ -135,14 +138,18 @@ class TwoLevelVQVAE(modules.VQVAE):
 class TwoLevelGenerator:
     """Both levels' code maps packed into one (N, h_top * w_top + h_bottom * w_bottom) array
     per slice (top first), so that predict.generation_metrics measures a two-level model as it
-    does a one-level one: it plays both the VQ-VAE (encode_all, decode_all, codebook_size)
-    and the prior (bits_per_code: the mean over every code of both levels)."""
+    does a one-level one: it plays both the VQ-VAE (encode_all, decode_all, codebook_size,
+    and `levels`, the packed columns of each level, which the metrics' baselines and shuffled
+    codes treat one level at a time) and the prior (bits_per_code: the mean over every code of
+    both levels)."""
 
     def __init__(self, vqvae, top_prior, bottom_prior):
         self.vqvae, self.top_prior, self.bottom_prior = vqvae, top_prior, bottom_prior
         self.codebook_size = vqvae.codebook_size
         self.top_shape = (top_prior.grid_size,) * 2
         self.bottom_shape = (bottom_prior.grid_size,) * 2
+        split = int(np.prod(self.top_shape))
+        self.levels = (slice(0, split), slice(split, split + int(np.prod(self.bottom_shape))))
 
     def pack(self, top_codes, bottom_codes):
         count = len(top_codes)
@@ -210,43 +217,70 @@ def parse_args(argv=None):
                         metavar=("WIDTH", "LAYERS", "KERNEL"),
                         help="the bottom prior's size: 4x the positions of the top map, so "
                              "smaller, and it knows the layout from the top map")
-    parser.add_argument("--generate", type=int, default=256, help="slices to draw (0: none)")
+    parser.add_argument("--generate", type=int, default=256,
+                        help="slices to draw and measure (0: none, else at least 2)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.generate == 1 or args.generate < 0:
+        parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
+    return args
 
 
-def fit_stage(out, prefix, build, train_ds, val_ds, minutes, describe):
+def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=None):
     """Train one stage to its time limit, saving {prefix}last.keras, {prefix}best.keras (best
     validation SSIM for the autoencoder, bits per code for a prior) and {prefix}state.json each
-    epoch (monitor.Checkpoints); a finished stage is only loaded, one cut short resumes.
-    -> the stage's best model."""
+    epoch (monitor.Checkpoints); a finished stage is only loaded, one cut short resumes (its
+    log trimmed to the epochs saved). make_data(seed) -> (training, validation) batches,
+    reshuffled per resumed part. A prior is `tied_to` the first stage's best.keras: if that
+    file changed, the run is refused. -> the stage's best model."""
     state_path = out / f"{prefix}state.json"
     state = read_json(state_path) if state_path.exists() else {}
+    fingerprint = file_sha256(tied_to) if tied_to else None
+    if state and state.get("vqvae_sha256") != fingerprint:
+        sys.exit(f"error: {out / 'best.keras'} changed after {state_path} was trained on its "
+                 f"codes: use a new --out, or delete the {prefix}* files to train it again.")
     if not state.get("finished"):
-        model = load_checkpoint(out / f"{prefix}last.keras") if state else build()
-        first_stage = isinstance(model, modules.VQVAE)
-        monitor, loss = ("val_ssim", "loss") if first_stage else ("val_bits_per_code",
-                                                                 "bits_per_code")
+        model = load_checkpoint(out / f"{prefix}last.keras", kind) if state else build()
+        if tied_to:
+            state["vqvae_sha256"] = fingerprint
+        monitor, loss = (("val_ssim", "loss") if kind is TwoLevelVQVAE
+                         else ("val_bits_per_code", "bits_per_code"))
         log = out / f"{prefix}training_log.csv"
+        trim_log(log, state.get("epochs_done", 0))  # an epoch logged but never saved
         callbacks = [WallClock(EPOCHS, minutes, state.get("elapsed_minutes", 0.0) * 60,
                                describe, name=prefix),
-                     keras.callbacks.CSVLogger(str(log), append=bool(state)),
+                     keras.callbacks.CSVLogger(str(log), append="epochs_done" in state),
                      keras.callbacks.TerminateOnNaN(),
-                     Checkpoints(out, state, prefix, monitor, first_stage, log=log)]
+                     Checkpoints(out, state, prefix, monitor, kind is TwoLevelVQVAE, log=log)]
         if not train.time_is_up(minutes, state):
-            train.fit(model, train_ds, val_ds, EPOCHS, state, callbacks, loss,
-                      "the learning rate")
+            train.fit(model, *make_data(state.get("epochs_done", 0)), EPOCHS, state,
+                      callbacks, loss, "learning rate")
         state["finished"] = True
         write_json(state, state_path)
-    return load_checkpoint(out / f"{prefix}best.keras")
+    return load_checkpoint(out / f"{prefix}best.keras", kind)
 
 
 EPOCHS = 1000  # each stage stops at its time limit
+MODEL_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
+               "bottom_prior")
+
+
+def check_same_model(args, out):
+    """A run's model flags are kept in args.json; a later run in the same --out must agree."""
+    path, given = out / "args.json", {name: getattr(args, name) for name in MODEL_FLAGS}
+    if not path.exists():
+        write_json(given, path)
+    saved = read_json(path)
+    changed = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS if saved[name] != given[name]]
+    if changed:
+        sys.exit(f"error: {out} holds a run with other {', '.join(changed)} ({path}): use a new "
+                 f"--out, or the run's own settings.")
 
 
 def code_datasets(codes, batch_size, seed):
-    """{split: (inputs, condition or None)} -> {split: tf.data batches}, training shuffled."""
+    """{split: (code maps, condition maps or None)} -> (training batches, shuffled with
+    `seed`, validation batches)."""
     def batches(split, shuffle):
         maps, condition = codes[split]
         data = tf.data.Dataset.from_tensor_slices(maps if condition is None
@@ -271,17 +305,29 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)  # what a killed run was writing
+    check_same_model(args, out)
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(train.choose_precision("auto"))
     try:
-        paths = {split: dataset.list_images(folder) for split, folder in
-                 (("train", args.train_dir), ("validate", args.val_dir),
-                  ("test", args.test_dir or args.val_dir))}
+        run(args, out)
     except dataset.DataError as error:
         sys.exit(f"error: {error}")
-    images = {split: dataset.load_split(paths[split], args.image_size, args.batch_size,
-                                        shuffle=split == "train", seed=args.seed)
-              for split in ("train", "validate")}
+
+
+def run(args, out):
+    """The three stages, then the samples and their measures."""
+    paths = {split: dataset.list_images(folder) for split, folder in
+             (("train", args.train_dir), ("validate", args.val_dir),
+              ("test", args.test_dir or args.val_dir))}
+    if args.generate and len(paths["test"]) < 4:
+        folder = args.test_dir or args.val_dir
+        sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "
+                 f"{len(paths['test'])}: pass another --test-dir.")
+
+    def images(seed):
+        return (dataset.load_split(paths["train"], args.image_size, args.batch_size,
+                                   shuffle=True, seed=args.seed + seed),
+                dataset.load_split(paths["validate"], args.image_size, args.batch_size))
 
     def build_vqvae():
         variance = train.pixel_variance(paths["train"], args.train_dir, args)
@@ -290,24 +336,28 @@ def main(argv=None):
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         return model
 
-    vqvae = fit_stage(out, "", build_vqvae, images["train"], images["validate"],
-                      args.minutes[0], lambda logs: f"val SSIM {logs['val_ssim']:.4f}")
+    vqvae = fit_stage(out, "", build_vqvae, images, args.minutes[0],
+                      lambda logs: f"val SSIM {logs['val_ssim']:.4f}", TwoLevelVQVAE)
     started = time.time()
     codes = {split: vqvae.encode_all(dataset.load_split(paths[split], args.image_size, 64))
              for split in ("train", "validate")}
+    K = vqvae.codebook_size
     print(f"encoded both splits in {time.time() - started:.0f} s; validation code usage: "
-          + ", ".join(f"{level} {len(np.unique(maps)) / vqvae.codebook_size:.0%}" for level, maps
+          + ", ".join(f"{level} {len(np.unique(maps)) / K:.0%}" for level, maps
                       in zip(("top", "bottom"), codes["validate"])), flush=True)
     bits = lambda logs: f"val bits/code {logs['val_bits_per_code']:.3f}"  # noqa: E731
-    top_grid, bottom_grid, K = args.image_size // 8, args.image_size // 4, vqvae.codebook_size
+    top_grid, bottom_grid = args.image_size // 8, args.image_size // 4
+    top_codes = {split: (top, None) for split, (top, _) in codes.items()}
+    both_codes = {split: (bottom, top) for split, (top, bottom) in codes.items()}
+    tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras")
     top_prior = fit_stage(
         out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K),
-        *code_datasets({split: (top, None) for split, (top, _) in codes.items()},
-                       args.prior_batch_size, args.seed), args.minutes[1], bits)
+        lambda seed: code_datasets(top_codes, args.prior_batch_size, args.seed + seed),
+        args.minutes[1], bits, **tie)
     bottom_prior = fit_stage(
         out, "bottom_prior_", lambda: build_prior(args.bottom_prior, bottom_grid, K, top_grid),
-        *code_datasets({split: (bottom, top) for split, (top, bottom) in codes.items()},
-                       args.prior_batch_size, args.seed), args.minutes[2], bits)
+        lambda seed: code_datasets(both_codes, args.prior_batch_size, args.seed + seed),
+        args.minutes[2], bits, **tie)
     if args.generate:
         generate(args, out, TwoLevelGenerator(vqvae, top_prior, bottom_prior), paths)
 
@@ -335,12 +385,15 @@ def generate(args, out, generator, paths):
     test = predict.load_images(paths["test"], args.image_size, args.batch_size)
     test_codes = generator.encode_all(np.array_split(test, max(1, len(test) // 32)))
     chunks = [test_codes[i:i + 32] for i in range(0, len(test_codes), 32)]
-    report["bits_per_test_code_by_level"] = dict(zip(("top", "bottom"), np.average(
-        [generator.level_bits(chunk) for chunk in chunks], axis=0,
-        weights=[len(chunk) for chunk in chunks]).tolist()))
+    levels = np.average([generator.level_bits(chunk) for chunk in chunks], axis=0,
+                        weights=[len(chunk) for chunk in chunks])
+    report["bits_per_test_code_by_level"] = dict(zip(("top", "bottom"), levels.tolist()))
+    # the number to set beside a one-level prior's: its bits per code x its 1,024 codes
+    report["bits_per_test_slice"] = float(levels[0] * np.prod(generator.top_shape)
+                                          + levels[1] * np.prod(generator.bottom_shape))
     write_json(report, out / "generation_report.json")
-    print(f"bits per test code: {report['bits_per_test_code_by_level']}; wrote "
-          f"{out / 'generation_report.json'}")
+    print(f"bits per test code: {report['bits_per_test_code_by_level']}, per slice "
+          f"{report['bits_per_test_slice']:.0f}; wrote {out / 'generation_report.json'}")
 
 
 if __name__ == "__main__":

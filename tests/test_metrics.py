@@ -158,3 +158,28 @@ def test_standardised_brains_take_out_brightness_and_contrast_but_keep_the_anato
     assert standard[0, 4, 0] == 0 and standard[0].max() <= 1  # clipped like the background
     np.testing.assert_allclose(standard[1][edge[1] > 0], 0.5)  # no spread: the middle grey
     np.testing.assert_array_equal(standard[2], edge[2])        # nothing to standardise
+
+
+def test_shuffled_codes_and_baselines_keep_the_levels_of_a_packed_map_apart():
+    """A packed two-level map (two_level.py): each level's codes are shuffled among its own
+    columns, and a baseline is taken per level and averaged over all codes; with one level
+    both are the plain whole-map versions."""
+    rng = np.random.default_rng(0)
+    top, bottom = rng.integers(0, 4, (6, 4)), rng.integers(4, 8, (6, 12))
+    packed = np.concatenate([top, bottom], axis=1)
+    levels = (slice(0, 4), slice(4, 16))
+    shuffled = metrics.shuffle_codes(packed, np.random.default_rng(1), levels)
+    assert (shuffled[:, :4] < 4).all() and (shuffled[:, 4:] >= 4).all()
+    np.testing.assert_array_equal(np.sort(shuffled[:, 4:]), np.sort(bottom))
+    assert not np.array_equal(shuffled, packed)
+    maps = packed.reshape(6, 4, 4)
+    one = metrics.shuffle_codes(maps, np.random.default_rng(2), (slice(None),))
+    again = np.random.default_rng(2)
+    np.testing.assert_array_equal(one, [again.permutation(m.ravel()).reshape(4, 4)
+                                        for m in maps])
+    train, test = packed[:4], packed[4:]
+    per_level = [metrics.unigram_bits(train[:, level], test[:, level], 8) for level in levels]
+    assert np.isclose(metrics.by_level(metrics.unigram_bits, train, test, 8, levels),
+                      (4 * per_level[0] + 12 * per_level[1]) / 16)
+    assert np.isclose(metrics.by_level(metrics.unigram_bits, train, test, 8, (slice(None),)),
+                      metrics.unigram_bits(train, test, 8))

@@ -173,10 +173,12 @@ def test_a_conditional_prior_sees_its_condition_and_only_earlier_codes(tmp_path)
     other_condition = condition.copy()
     other_condition[:, 0, 0] = (other_condition[:, 0, 0] + 1) % 4
     assert np.abs(prior(codes, other_condition).numpy()[:, 0, 0] - base[:, 0, 0]).max() > 1e-6
-    later = codes.copy()
-    later[:, 3, 2] = (later[:, 3, 2] + 1) % 6
-    effect = np.abs(prior(later, condition).numpy() - base).max(axis=(0, 3))
-    assert np.all(effect.ravel()[:3 * 6 + 3] == 0) and effect.ravel()[3 * 6 + 3:].max() > 1e-6
+    for position in range(36):  # a code changed: no logit at or before it moves
+        later = codes.reshape(2, 36).copy()
+        later[:, position] = (later[:, position] + 1) % 6
+        effect = np.abs(prior(later.reshape(2, 6, 6), condition).numpy() - base).max(axis=(0, 3))
+        assert np.all(effect.ravel()[:position + 1] == 0)
+        assert position == 35 or effect.ravel()[position + 1:].max() > 1e-6
     np.testing.assert_allclose(prior.teacher_forced_logits(codes, condition).numpy(), base,
                                atol=1e-5)
     prior.save(tmp_path / "conditional.keras")
@@ -184,8 +186,12 @@ def test_a_conditional_prior_sees_its_condition_and_only_earlier_codes(tmp_path)
     np.testing.assert_allclose(loaded(codes, condition).numpy(), base, atol=1e-6)
     with pytest.raises(ValueError, match="needs a condition"):
         prior(codes)
+    with pytest.raises(ValueError, match="needs a condition"):
+        prior.sample(2)
     with pytest.raises(ValueError, match="takes none"):
         make_prior()(codes, condition)
+    with pytest.raises(ValueError, match="go together"):
+        PixelCNNPrior(grid_size=6, codebook_size=6, condition_grid=3)
 
 
 def test_a_conditional_prior_learns_and_samples_what_its_condition_says():

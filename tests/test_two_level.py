@@ -5,6 +5,7 @@ import json
 
 import keras
 import numpy as np
+import pytest
 
 import two_level
 from conftest import write_slices
@@ -28,8 +29,8 @@ def test_two_level_codes_have_both_grids_and_decode_to_the_reconstructions(tmp_p
     np.testing.assert_allclose(model.decode_codes(top, bottom).numpy(), model(images).numpy(),
                                atol=1e-5)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    logs = model.fit(images, epochs=2, batch_size=4, verbose=0).history
-    assert np.isfinite(logs["loss"]).all() and logs["loss"][1] < logs["loss"][0]
+    logs = model.fit(images, epochs=8, batch_size=4, verbose=0).history
+    assert np.isfinite(logs["loss"]).all() and logs["loss"][-1] < logs["loss"][0]
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert isinstance(loaded, two_level.TwoLevelVQVAE)
@@ -50,24 +51,31 @@ def test_the_generator_packs_both_levels_and_scores_every_code():
     assert packed.shape == (3, 16 + 64)
     for given, back in zip((top, bottom), generator.unpack(packed)):
         np.testing.assert_array_equal(given, back)
-    top_bits, bottom_bits = generator.level_bits(packed)
+    top_bits = float(top_prior.bits_per_code(top))
+    bottom_bits = float(bottom_prior.bits_per_code(bottom, top))
     assert np.isclose(generator.bits_per_code(packed), (16 * top_bits + 64 * bottom_bits) / 80)
+    assert [level.stop - level.start for level in generator.levels] == [16, 64]
     np.testing.assert_allclose(generator.decode_all(packed),
                                model.decode_codes(top, bottom).numpy(), atol=1e-6)
     drawn = generator.sampler(2, seed=0)()
     assert drawn.shape == (2, 80) and drawn.min() >= 0 and drawn.max() < 16
 
 
+def tiny_experiment(tmp_path):
+    train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
+    val_dir = write_slices(tmp_path / "validate", 8, seed=1, size=32)
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir),
+            "--out", str(tmp_path / "out"), "--image-size", "32", "--width", "8",
+            "--code-dim", "4", "--codebook-size", "16", "--batch-size", "8",
+            "--top-prior", "8", "2", "3", "--bottom-prior", "8", "2", "3"]
+
+
 def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
     """Each stage trains for one epoch (its time limit), the samples are measured like
     predict.py's, and a second call loads the finished stages instead of training again."""
-    train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
-    val_dir = write_slices(tmp_path / "validate", 8, seed=1, size=32)
     out = tmp_path / "out"
-    argv = ["--train-dir", str(train_dir), "--val-dir", str(val_dir), "--out", str(out),
-            "--image-size", "32", "--width", "8", "--code-dim", "4", "--codebook-size", "16",
-            "--batch-size", "8", "--top-prior", "8", "2", "3", "--bottom-prior", "8", "2", "3",
-            "--minutes", "0.001", "0.001", "0.001", "--generate", "4"]
+    argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001",
+                                        "--generate", "4"]
     two_level.main(argv)
     for prefix in ("", "top_prior_", "bottom_prior_"):
         state = json.loads((out / f"{prefix}state.json").read_text())
@@ -81,3 +89,29 @@ def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
     logs = {path.name: path.read_text() for path in out.glob("*training_log.csv")}
     two_level.main(argv[:-2] + ["--generate", "0"])
     assert logs == {path.name: path.read_text() for path in out.glob("*training_log.csv")}
+
+
+def test_a_stage_cut_short_resumes_and_a_changed_model_is_refused(tmp_path):
+    """A bottom prior killed after its first epoch was saved (its state not finished, and a
+    row logged for an epoch that never was) trains on from epoch 2 with a clean log (Keras
+    numbers the logged epochs from 0); another
+    model size in the same --out, or a first stage changed under its priors, is refused."""
+    out, argv = tmp_path / "out", tiny_experiment(tmp_path) + ["--generate", "0"]
+    two_level.main(argv + ["--minutes", "0.001", "0.001", "0.001"])
+    state_path = out / "bottom_prior_state.json"
+    state = json.loads(state_path.read_text())
+    del state["finished"]
+    state_path.write_text(json.dumps(state))
+    log = out / "bottom_prior_training_log.csv"
+    log.write_text(log.read_text() + "1,123.456,0.1,1.0,123.456\n")  # the unsaved epoch's
+    two_level.main(argv + ["--minutes", "0.001", "0.001", "0.4"])  # the first run's time counts
+    done = json.loads(state_path.read_text())["epochs_done"]
+    epochs = [line.split(",")[0] for line in log.read_text().splitlines()[1:]]
+    assert done >= 2 and epochs == [str(epoch) for epoch in range(done)]
+    assert "123.456" not in log.read_text()
+    wider = [("16" if flag == "--width" else value) for flag, value in zip([""] + argv, argv)]
+    with pytest.raises(SystemExit, match="other --width"):
+        two_level.main(wider)
+    make_model().save(out / "best.keras")  # a first stage the priors never saw
+    with pytest.raises(SystemExit, match="changed after"):
+        two_level.main(argv)
