@@ -12,12 +12,12 @@ The top code carries the layout, the bottom one the detail the top decoder canno
 Both codebooks have K codes and train by EMA like modules.VectorQuantizer's.
 
     python two_level.py --train-dir ../shared/data/brain-slices/train \\
-        --val-dir ../shared/data/brain-slices/validate --minutes 20 12 15 --out out/two_level
+        --val-dir ../shared/data/brain-slices/validate --out out/two_level
 
-trains the three stages one after the other, each to its time limit (a stage already finished
-in --out is loaded, one cut short resumes), then draws --generate slices and measures them
-with predict.py's metrics into generate/generation_report.json, as `predict.py --generate`
-does for a one-level run.
+trains the three stages one after the other, each to its time limit (--minutes, 40 25 25
+by default: 90 in all; a stage already finished in --out is loaded, one cut short resumes),
+then draws --generate slices and measures them with predict.py's metrics into
+generate/generation_report.json, as `predict.py --generate` does for a one-level run.
 """
 
 import argparse
