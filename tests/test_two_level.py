@@ -93,20 +93,31 @@ def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
 
 def test_a_stage_cut_short_resumes_and_a_changed_model_is_refused(tmp_path):
     """A bottom prior killed after its first epoch was saved (its state not finished, and a
-    row logged for an epoch that never was) trains on from epoch 2 with a clean log (Keras
-    numbers the logged epochs from 0); another
-    model size in the same --out, or a first stage changed under its priors, is refused."""
+    row logged for an epoch that never was) resumes with a clean log (Keras numbers the logged
+    epochs from 0): with its time used up it trains no more; given time, it trains on from its
+    saved weights and optimizer; another model size in the same --out, or a first stage
+    changed under its priors, is refused."""
     out, argv = tmp_path / "out", tiny_experiment(tmp_path) + ["--generate", "0"]
-    two_level.main(argv + ["--minutes", "0.001", "0.001", "0.001"])
+    minutes = ["--minutes", "0.001", "0.001", "0.001"]
+    two_level.main(argv + minutes)
     state_path = out / "bottom_prior_state.json"
+    log = out / "bottom_prior_training_log.csv"
     state = json.loads(state_path.read_text())
     del state["finished"]
-    state.update(elapsed_minutes=0.0, epoch_seconds=0.0)  # as if that epoch took no time, so
-    state_path.write_text(json.dumps(state))  # the resumed run trains exactly one, at any speed
-    log = out / "bottom_prior_training_log.csv"
-    log.write_text(log.read_text() + "1,123.456,0.1,1.0,123.456\n")  # the unsaved epoch's
-    two_level.main(argv + ["--minutes", "0.001", "0.001", "0.001"])
-    assert json.loads(state_path.read_text())["epochs_done"] == 2
+
+    def killed(**changes):
+        state_path.write_text(json.dumps({**state, **changes}))
+        log.write_text(log.read_text() + "1,123.456,0.1,1.0,123.456\n")  # the unsaved epoch's
+
+    killed()  # the first run's time counts: another epoch would pass the limit
+    two_level.main(argv + minutes)
+    assert json.loads(state_path.read_text())["epochs_done"] == 1
+    assert "123.456" not in log.read_text()
+    killed(elapsed_minutes=0.0, epoch_seconds=0.0)  # as if that epoch took no time: the
+    two_level.main(argv + minutes)  # resumed run trains exactly one more, at any speed
+    resumed = json.loads(state_path.read_text())
+    assert resumed["epochs_done"] == 2
+    assert resumed["optimizer_steps"] == 2 * state["optimizer_steps"]  # not a fresh optimizer
     epochs = [line.split(",")[0] for line in log.read_text().splitlines()[1:]]
     assert epochs == ["0", "1"]
     assert "123.456" not in log.read_text()
