@@ -45,18 +45,27 @@ from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,
 from settings import parse_args, read_run_config  # noqa: E402
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
-DEMO_MINUTES, DEMO_PRIOR_MINUTES = 5.0, 4.0  # the first `python train.py`: ~10 min, 2 cores
-# --purpose generate sized so that the prior learns slices, not blobs, in its 4 minutes: 32x32
-# code maps from the narrower first stage, and a narrower prior (width 32: 3x faster per map)
-# of 12 layers, as measured for the README's demo (the 8 layers of the default prior are not
-# measured at the demo's 4 minutes)
-DEMO_MODEL = {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_layers": 12}
+# The first `python train.py` (no data): ~10 minutes on 2 cores, sized to the machine's speed.
+# demo: minutes of the VQ-VAE and of the prior, and the model (--purpose generate only).
+# Where bfloat16 runs (AVX512_BF16 or AMX CPUs, GPUs): 32x32 code maps from a narrower first
+# stage, and a narrower prior (width 32: 3x faster per map) of 12 layers, as measured for the
+# README's demo, so that the prior learns slices, not blobs, in its 4 minutes.
+DEMO = {"minutes": (5.0, 4.0),
+        "model": {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_layers": 12}}
+# In float32 (a CPU without bfloat16, e.g. AVX2 only) every step is ~5x slower, and the demo
+# above draws blobs: it trains at 128 px instead, 32x32 codes of 4x4 pixels (2x faster VQ-VAE
+# steps) and the default prior's 8 layers (1.4x faster than 12), given the longer share.
+DEMO_FLOAT32 = {"minutes": (4.0, 5.0),
+                "model": {"image_size": 128, "downsample": 4, "width": 64, "res_blocks": 1,
+                          "prior_width": 32, "prior_layers": 8}}
+GRID = ("image_size", "downsample")  # set together: a given one keeps the other's default
 
 
-def resolve_splits(config, given=()):
+def resolve_splits(config, precision, given=()):
     """Absolute split folders {'train', 'validate', 'test'} (test may be None). With no data
     given it builds the demo set and, for the settings not in `given`, caps the demo run's
-    time and (for --purpose generate) uses DEMO_MODEL, so that its prior learns in minutes."""
+    time and (for --purpose generate) sizes its model for `precision` (DEMO, DEMO_FLOAT32),
+    so that its prior learns in minutes."""
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
@@ -66,20 +75,30 @@ def resolve_splits(config, given=()):
     root = config.data or (OASIS_DEFAULT if OASIS_DEFAULT.is_dir() else None)
     if root is None:
         root = demo_root(config.seed)
-        if config.time_limit is None:
-            config.time_limit = DEMO_MINUTES
-        if config.prior_time_limit is None:
-            config.prior_time_limit = DEMO_PRIOR_MINUTES
-        for name, value in DEMO_MODEL.items():
-            if name not in given and config.purpose == "generate":
-                setattr(config, name, value)
-        flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
-                         for name in ("purpose", "downsample", *DEMO_MODEL))
-        print(f"demo run: {flags}; the VQ-VAE trains for about {config.time_limit:g} minutes "
-              f"and the prior for about {config.prior_time_limit:g} (0: no limit; set these "
-              f"flags, --time-limit and --prior-time-limit to change).", flush=True)
+        size_demo(config, precision, given)
     dirs = dataset.oasis_split_dirs(root, need_test=False)  # training can go without a test set
     return {split: str(path.resolve()) if path else None for split, path in dirs.items()}
+
+
+def size_demo(config, precision, given):
+    """Cap the demo run's minutes and size its model for `precision`, where flags leave it."""
+    demo = DEMO_FLOAT32 if precision == "float32" else DEMO
+    if config.time_limit is None:
+        config.time_limit = demo["minutes"][0]
+    if config.prior_time_limit is None:
+        config.prior_time_limit = demo["minutes"][1]
+    grid_given = any(name in given for name in GRID)
+    for name, value in demo["model"].items():
+        if config.purpose == "generate" and name not in given and not (
+                name in GRID and grid_given):
+            setattr(config, name, value)
+    flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
+                     for name in ("purpose", *GRID, *DEMO["model"]))
+    speed = (" (float32 here, no bfloat16: a demo sized for its ~5x slower steps, README)"
+             if precision == "float32" else "")
+    print(f"demo run{speed}: {flags}; the VQ-VAE trains for about {config.time_limit:g} minutes "
+          f"and the prior for about {config.prior_time_limit:g} (0: no limit; set these "
+          f"flags, --time-limit and --prior-time-limit to change).", flush=True)
 
 
 def demo_root(seed):
@@ -239,7 +258,7 @@ def train(config, mode, strategy=None):
     rewind_vqvae_outputs(out, done)  # drop what a killed run logged of an unsaved epoch
     # a resumed run reads the very folders it was trained on
     splits = (read_run_config(out / "config.json")["splits"] if continuing
-              else resolve_splits(config, mode.given))
+              else resolve_splits(config, precision, mode.given))
     if not continuing and config.prior_epochs:  # the demo may have changed the prior's batch
         distribute.check_batch_sizes(strategy, {"--prior-batch-size": config.prior_batch_size})
     # the VQ-VAE trains if it is new, cut short, or asked for more epochs or time

@@ -72,27 +72,52 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 4, "validate": 2, "test": 2})
     config = Config()
-    splits = train.resolve_splits(config)
+    splits = train.resolve_splits(config, "mixed_bfloat16")
     printed = capsys.readouterr().out
-    assert "DEMO" in printed and ("--purpose generate --downsample 8 --width 64 --res-blocks 1 "
-                                  "--prior-width 32") in printed
-    assert config.time_limit == train.DEMO_MINUTES  # the first run ends within 10 minutes
-    assert config.prior_time_limit == train.DEMO_PRIOR_MINUTES
-    assert config.downsample == 8  # 32x32 codes, so the demo's prior learns in minutes
+    assert "DEMO" in printed and ("--purpose generate --image-size 256 --downsample 8 --width 64 "
+                                  "--res-blocks 1 --prior-width 32") in printed
+    assert "float32" not in printed
+    assert config.time_limit == train.DEMO["minutes"][0]  # the first run ends within 10 minutes
+    assert config.prior_time_limit == train.DEMO["minutes"][1]
+    assert (config.image_size, config.downsample) == (256, 8)  # 32x32 codes: a prior in minutes
     assert (config.width, config.res_blocks) == (64, 1)  # a first stage sized for 5 minutes
     assert (config.prior_width, config.prior_layers) == (32, 12)  # the prior measured so
     given = train.parse_args(["--downsample", "4", "--prior-time-limit", "0",
                               "--prior-width", "16"])
-    train.resolve_splits(given[0], given[1].given)
+    train.resolve_splits(given[0], "mixed_bfloat16", given[1].given)
     assert given[0].downsample == 4 and given[0].prior_time_limit == 0  # the user's flags win
     assert given[0].prior_width == 16 and given[0].width == 64  # the demo sizes the rest
     sharp = train.parse_args(["--purpose", "reconstruct"])[0]
-    train.resolve_splits(sharp, {"purpose"})  # the demo sizes only the generating model
+    train.resolve_splits(sharp, "mixed_bfloat16", {"purpose"})  # it sizes only the generator
     assert (sharp.downsample, sharp.width, sharp.prior_width, sharp.prior_layers) == (
         4, 64, 64, 8)
     assert splits["train"].endswith("data/demo/keras_png_slices_train")
     assert len(dataset.list_images(splits["test"])) == 2
     assert (tmp_path / "data" / "demo" / "complete").exists()
+
+
+def test_a_float32_demo_trains_smaller_images_and_gives_the_prior_more_time(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Without bfloat16 a step is ~5x slower: the demo trains 128-px slices into 32x32 codes of
+    4x4 pixels with an 8-layer prior, and gives the prior the larger share of the 9 minutes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
+    config = Config()
+    train.resolve_splits(config, "float32")
+    assert "float32 here, no bfloat16" in capsys.readouterr().out
+    assert (config.image_size, config.downsample, config.width, config.res_blocks) == (
+        128, 4, 64, 1)
+    assert (config.prior_width, config.prior_layers) == (32, 8)
+    assert (config.time_limit, config.prior_time_limit) == (4, 5)
+    assert sum(train.DEMO_FLOAT32["minutes"]) == sum(train.DEMO["minutes"])
+    for flag, value in (["--image-size", 256], ["--downsample", 8]):  # the grid goes as a pair
+        given = train.parse_args([flag, str(value), "--prior-layers", "12"])
+        train.resolve_splits(given[0], "float32", given[1].given)
+        assert (given[0].image_size, given[0].downsample) == (256, 8)
+        assert given[0].prior_layers == 12 and given[0].width == 64
+    sharp = train.parse_args(["--purpose", "reconstruct"])[0]
+    train.resolve_splits(sharp, "float32", {"purpose"})
+    assert (sharp.image_size, sharp.downsample, sharp.time_limit) == (256, 4, 4)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -109,9 +134,9 @@ def test_bad_flags_exit_with_a_clear_message(tmp_path, argv, message, capsys):
 def test_a_new_seed_rebuilds_the_demo_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
-    first = train.resolve_splits(Config(seed=0))["train"]
+    first = train.resolve_splits(Config(seed=0), "float32")["train"]
     image = (tmp_path / first / "demo_0000.png").read_bytes()
-    train.resolve_splits(Config(seed=1))
+    train.resolve_splits(Config(seed=1), "float32")
     assert (tmp_path / first / "demo_0000.png").read_bytes() != image
     assert (tmp_path / "data" / "demo" / "complete").read_text() == "seed 1\n"
 
@@ -132,7 +157,7 @@ def test_an_explicit_time_limit_of_zero_lifts_the_demo_cap(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
     config = train.parse_args(["--time-limit", "0"])[0]
-    train.resolve_splits(config)
+    train.resolve_splits(config, "float32")
     assert config.time_limit == 0
 
 
