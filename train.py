@@ -54,9 +54,10 @@ DEMO = {"minutes": (5.0, 4.0),
         "model": {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_layers": 12}}
 # In float32 (a CPU without bfloat16, e.g. AVX2 only) every step is ~5x slower, and the demo
 # above draws blobs: it trains at 128 px instead, 32x32 codes of 4x4 pixels (2x faster VQ-VAE
-# steps), 4 minutes for the 6 epochs its codebook needs to spread out, 5 for the prior (its 12
-# layers reach the 25 rows above a code: with 8, samples ran on past the brain's lower edge).
-DEMO_FLOAT32 = {"minutes": (4.0, 5.0),
+# steps); 4.5 minutes hold the 6 epochs its codebook needs to spread out (a 4-minute cap cut
+# one run at 5), and 4.5 hold 4 prior epochs (12 layers reach the 25 rows above a code: with
+# 8 layers, faster, samples ran on past the brain's lower edge).
+DEMO_FLOAT32 = {"minutes": (4.5, 4.5),
                 "model": {"image_size": 128, "downsample": 4, **DEMO["model"]}}
 GRID = ("image_size", "downsample")  # set together: a given one keeps the other's default
 
