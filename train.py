@@ -46,27 +46,27 @@ from settings import parse_args, read_run_config  # noqa: E402
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
 # The first `python train.py` (no data): ~10 minutes on 2 cores, sized to the machine's speed.
-# demo: minutes of the VQ-VAE and of the prior, and the model (--purpose generate only).
+# demo: caps on its two stages (for any --purpose) and its model (--purpose generate only).
 # Where bfloat16 runs (AVX512_BF16 or AMX CPUs, GPUs): 32x32 code maps from a narrower first
 # stage, and a narrower prior (width 32: 3x faster per map) of 12 layers, as measured for the
 # README's demo, so that the prior learns slices, not blobs, in its 4 minutes.
-DEMO = {"minutes": (5.0, 4.0),
+DEMO = {"caps": {"time_limit": 5.0, "prior_time_limit": 4.0},
         "model": {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_layers": 12}}
 # In float32 (a CPU without bfloat16, e.g. AVX2 only) every step is ~5x slower, and the demo
 # above draws blobs: it trains at 128 px instead, 32x32 codes of 4x4 pixels (2x faster VQ-VAE
-# steps); 4.5 minutes hold the 6 epochs its codebook needs to spread out (a 4-minute cap cut
-# one run at 5), and 4.5 hold 4 prior epochs (12 layers reach the 25 rows above a code: with
-# 8 layers, faster, samples ran on past the brain's lower edge).
-DEMO_FLOAT32 = {"minutes": (4.5, 4.5),
+# steps), for 6 epochs (its codebook spreads out in the 6th) and 4 prior epochs (its 12 layers
+# reach the 25 rows above a code; 8 layers ran samples on past the brain's lower edge). Caps in
+# epochs, not minutes: on a busy 2-core CPU the same minutes held 5 to 7 epochs.
+DEMO_FLOAT32 = {"caps": {"epochs": 6, "prior_epochs": 4},
                 "model": {"image_size": 128, "downsample": 4, **DEMO["model"]}}
 GRID = ("image_size", "downsample")  # set together: a given one keeps the other's default
 
 
 def resolve_splits(config, precision, given=()):
     """Absolute split folders {'train', 'validate', 'test'} (test may be None). With no data
-    given it builds the demo set and, for the settings not in `given`, caps the demo run's
-    time and (for --purpose generate) sizes its model for `precision` (DEMO, DEMO_FLOAT32),
-    so that its prior learns in minutes."""
+    given it builds the demo set and, for the settings not in `given`, caps the demo run and
+    (for --purpose generate) sizes its model for `precision` (DEMO, DEMO_FLOAT32), so that
+    its prior learns in minutes."""
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
@@ -82,24 +82,26 @@ def resolve_splits(config, precision, given=()):
 
 
 def size_demo(config, precision, given):
-    """Cap the demo run's minutes and size its model for `precision`, where flags leave it."""
+    """Cap the demo run and size its model for `precision`, where flags leave it."""
     demo = DEMO_FLOAT32 if precision == "float32" else DEMO
-    if config.time_limit is None:
-        config.time_limit = demo["minutes"][0]
-    if config.prior_time_limit is None:
-        config.prior_time_limit = demo["minutes"][1]
     grid_given = any(name in given for name in GRID)
-    for name, value in demo["model"].items():
-        if config.purpose == "generate" and name not in given and not (
-                name in GRID and grid_given):
+    sizes = demo["model"] if config.purpose == "generate" else {}
+    for name, value in {**demo["caps"], **sizes}.items():
+        if name not in given and not (name in GRID and grid_given):
             setattr(config, name, value)
     flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
                      for name in ("purpose", *GRID, *DEMO["model"]))
     speed = (" (float32 here, no bfloat16: a demo sized for its ~5x slower steps, README)"
              if precision == "float32" else "")
-    print(f"demo run{speed}: {flags}; the VQ-VAE trains for about {config.time_limit:g} minutes "
-          f"and the prior for about {config.prior_time_limit:g} (0: no limit; set these "
-          f"flags, --time-limit and --prior-time-limit to change).", flush=True)
+    stages = " and ".join(
+        f"{stage} {epochs} epochs" + (f" or about {minutes:g} minutes, whichever ends first"
+                                      if minutes else "")
+        for stage, epochs, minutes in (("the VQ-VAE trains", config.epochs, config.time_limit),
+                                       ("the prior", config.prior_epochs,
+                                        config.prior_time_limit)))
+    print(f"demo run{speed}: {flags}; {stages} (set these flags, --epochs, --time-limit, "
+          f"--prior-epochs and --prior-time-limit to change; a time limit of 0: none).",
+          flush=True)
 
 
 def demo_root(seed):

@@ -77,8 +77,8 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     assert "DEMO" in printed and ("--purpose generate --image-size 256 --downsample 8 --width 64 "
                                   "--res-blocks 1 --prior-width 32") in printed
     assert "float32" not in printed
-    assert config.time_limit == train.DEMO["minutes"][0]  # the first run ends within 10 minutes
-    assert config.prior_time_limit == train.DEMO["minutes"][1]
+    assert config.time_limit == 5 and config.prior_time_limit == 4  # 10 minutes with bfloat16
+    assert "the VQ-VAE trains 20 epochs or about 5 minutes, whichever ends first" in printed
     assert (config.image_size, config.downsample) == (256, 8)  # 32x32 codes: a prior in minutes
     assert (config.width, config.res_blocks) == (64, 1)  # a first stage sized for 5 minutes
     assert (config.prior_width, config.prior_layers) == (32, 12)  # the prior measured so
@@ -96,28 +96,32 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "data" / "demo" / "complete").exists()
 
 
-def test_a_float32_demo_trains_smaller_images_and_gives_the_prior_more_time(tmp_path, monkeypatch,
-                                                                          capsys):
+def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_path, monkeypatch,
+                                                                       capsys):
     """Without bfloat16 a step is ~5x slower: the demo trains 128-px slices into 32x32 codes of
-    4x4 pixels, with the same 9 minutes in all."""
+    4x4 pixels, for epochs rather than minutes (a busy CPU fits 5 to 7 in the same minutes)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
     config = Config()
     train.resolve_splits(config, "float32")
-    assert "float32 here, no bfloat16" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "float32 here, no bfloat16" in printed
+    assert "the VQ-VAE trains 6 epochs and the prior 4 epochs (" in printed
     assert (config.image_size, config.downsample, config.width, config.res_blocks) == (
         128, 4, 64, 1)
     assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching 25 of 32 rows
-    assert (config.time_limit, config.prior_time_limit) == (4.5, 4.5)
-    assert sum(train.DEMO_FLOAT32["minutes"]) == sum(train.DEMO["minutes"])
+    assert (config.epochs, config.prior_epochs) == (6, 4)
+    assert config.time_limit is None and config.prior_time_limit is None
     for flag, value in (["--image-size", 256], ["--downsample", 8]):  # the grid goes as a pair
-        given = train.parse_args([flag, str(value), "--prior-layers", "10"])
+        given = train.parse_args([flag, str(value), "--prior-layers", "10", "--epochs", "9"])
         train.resolve_splits(given[0], "float32", given[1].given)
         assert (given[0].image_size, given[0].downsample) == (256, 8)
         assert given[0].prior_layers == 10 and given[0].width == 64
+        assert (given[0].epochs, given[0].prior_epochs) == (9, 4)
     sharp = train.parse_args(["--purpose", "reconstruct"])[0]
-    train.resolve_splits(sharp, "float32", {"purpose"})
-    assert (sharp.image_size, sharp.downsample, sharp.time_limit) == (256, 4, 4.5)
+    train.resolve_splits(sharp, "float32", {"purpose"})  # the caps only
+    assert (sharp.image_size, sharp.downsample, sharp.epochs, sharp.prior_epochs) == (
+        256, 4, 6, 4)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -156,9 +160,10 @@ def test_a_new_run_never_overwrites_an_old_one(oasis_root, trained_run):
 def test_an_explicit_time_limit_of_zero_lifts_the_demo_cap(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
-    config = train.parse_args(["--time-limit", "0"])[0]
-    train.resolve_splits(config, "float32")
-    assert config.time_limit == 0
+    config, mode = train.parse_args(["--time-limit", "0"])
+    train.resolve_splits(config, "mixed_bfloat16", mode.given)
+    assert config.time_limit == 0 and config.prior_time_limit == train.DEMO["caps"][
+        "prior_time_limit"]
 
 
 def test_the_prior_trains_after_the_vqvae_and_leaves_its_outputs(trained_run):
