@@ -62,12 +62,16 @@ HELP = {
     "train_dir": "folder of training slices (PNG/JPEG); needs --val-dir",
     "val_dir": "folder of validation slices",
     "test_dir": "folder of test slices (optional; saved for predict.py)",
-    "out": "output folder", "image_size": "images are fitted into this square (pixels)",
-    "epochs": "epochs in all (a resumed run counts the epochs already done)",
+    "out": "output folder", "image_size": "images are fitted into this square (pixels; the "
+                                             "demo set in float32 uses 128 with --purpose "
+                                             "generate unless this or --downsample is given)",
+    "epochs": "epochs in all (a resumed run counts the epochs already done; the demo set "
+              "in float32 uses 6 where it sets --image-size 128)",
     "batch_size": "images per training step: the global batch, split evenly across the "
                   "replicas of a --strategy", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
-                  "parts included (0: no limit; unset: none, or 5 on the demo set)",
+                  "parts included (0: no limit; unset: none, or 5 on the demo set where it "
+                  "does not count epochs instead)",
     "precision": "auto: mixed_bfloat16 on a CPU with bfloat16 instructions and on GPUs of "
                  "compute capability 8 (Ampere) or newer, mixed_float16 (with loss scaling) on "
                  "GPUs of capability 7, else float32",
@@ -85,7 +89,8 @@ HELP = {
                "first stage (--downsample 8 --width 128 --res-blocks 2); "
                "reconstruct: the sharpest reconstructions, from a 64x64 grid whose prior needs "
                "hours (--downsample 4 --width 64 --res-blocks 1). README: which to choose",
-    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32)",
+    "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the "
+                  "float32 demo: 4 at 128 px)",
     "width": "channels at the latent resolution (at least 8; the demo set uses 64 unless "
              "given, with --purpose generate)",
     "res_blocks": "residual blocks at the latent resolution, in encoder and decoder (the demo "
@@ -102,11 +107,13 @@ HELP = {
     "progress_images": "validation images shown in the progress GIF",
     "skip_bad_files": "leave out unreadable or undecodable images, listing them in the log and "
                       "config.json, instead of stopping with an error",
-    "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior)",
+    "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior; the demo "
+                    "set in float32 uses 4 where it sets --image-size 128)",
     "prior_batch_size": "code maps per prior training step (global, like --batch-size; on "
                         "GPUs, larger batches use the device better)",
     "prior_learning_rate": "Adam learning rate of the prior",
-    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set)",
+    "prior_time_limit": "like --time-limit, for the prior (unset: none, or 4 on the demo set "
+                        "where it does not count epochs instead)",
     "prior_width": "channels of each prior stack (the demo set uses 32 unless given, with "
                    "--purpose generate)",
     "prior_layers": "gated layers of the prior (the demo set uses 12 unless given, with "

@@ -45,7 +45,7 @@ from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,
 from settings import parse_args, read_run_config  # noqa: E402
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
-# The first `python train.py` (no data): ~10 minutes on 2 cores, sized to the machine's speed.
+# The first `python train.py` (no data): 10-12 minutes on 2 cores, sized to the precision.
 # demo: caps on its two stages (for any --purpose) and its model (--purpose generate only).
 # Where bfloat16 runs (AVX512_BF16 or AMX CPUs, GPUs): 32x32 code maps from a narrower first
 # stage, and a narrower prior (width 32: 3x faster per map) of 12 layers, as measured for the
@@ -82,26 +82,29 @@ def resolve_splits(config, precision, given=()):
 
 
 def size_demo(config, precision, given):
-    """Cap the demo run and size its model for `precision`, where flags leave it."""
-    demo = DEMO_FLOAT32 if precision == "float32" else DEMO
+    """Cap the demo run and size its model for `precision`, where flags leave it. The float32
+    demo's epoch caps were measured for its own model only: with another purpose or a grid
+    given, the minute caps of DEMO hold instead."""
     grid_given = any(name in given for name in GRID)
-    sizes = demo["model"] if config.purpose == "generate" else {}
-    for name, value in {**demo["caps"], **sizes}.items():
+    generate = config.purpose == "generate"
+    small = precision == "float32" and generate and not grid_given
+    demo = DEMO_FLOAT32 if small else DEMO
+    for name, value in {**demo["caps"], **(demo["model"] if generate else {})}.items():
         if name not in given and not (name in GRID and grid_given):
             setattr(config, name, value)
     flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
                      for name in ("purpose", *GRID, *DEMO["model"]))
-    speed = (" (float32 here, no bfloat16: a demo sized for its ~5x slower steps, README)"
-             if precision == "float32" else "")
-    stages = " and ".join(
-        f"{stage} {epochs} epochs" + (f" or about {minutes:g} minutes, whichever ends first"
-                                      if minutes else "")
-        for stage, epochs, minutes in (("the VQ-VAE trains", config.epochs, config.time_limit),
-                                       ("the prior", config.prior_epochs,
-                                        config.prior_time_limit)))
-    print(f"demo run{speed}: {flags}; {stages} (set these flags, --epochs, --time-limit, "
-          f"--prior-epochs and --prior-time-limit to change; a time limit of 0: none).",
-          flush=True)
+    speed = (" (float32 here: a step is ~5x slower than with bfloat16, so a smaller demo, "
+             "README)" if small else "")
+
+    def length(epochs, minutes):
+        return f"{epochs} epochs" + (f" or about {minutes:g} minutes, whichever ends first"
+                                     if minutes else "")
+    prior = (f"the prior {length(config.prior_epochs, config.prior_time_limit)}"
+             if config.prior_epochs else "no prior (--prior-epochs 0)")
+    print(f"demo run{speed}: {flags}; the VQ-VAE trains {length(config.epochs, config.time_limit)}"
+          f"; {prior} (set these flags, --epochs, --time-limit, --prior-epochs and "
+          f"--prior-time-limit to change; a time limit of 0: none).", flush=True)
 
 
 def demo_root(seed):

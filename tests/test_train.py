@@ -99,29 +99,54 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
 def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_path, monkeypatch,
                                                                        capsys):
     """Without bfloat16 a step is ~5x slower: the demo trains 128-px slices into 32x32 codes of
-    4x4 pixels, for epochs rather than minutes (a busy CPU fits 5 to 7 in the same minutes)."""
+    4x4 pixels, for epochs rather than minutes (a busy CPU fits 5 to 7 in the same minutes).
+    Those epochs were measured for that model only: any other keeps the minute caps."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
     config = Config()
     train.resolve_splits(config, "float32")
     printed = capsys.readouterr().out
-    assert "float32 here, no bfloat16" in printed
-    assert "the VQ-VAE trains 6 epochs and the prior 4 epochs (" in printed
+    assert "float32 here" in printed
+    assert "the VQ-VAE trains 6 epochs; the prior 4 epochs (" in printed
     assert (config.image_size, config.downsample, config.width, config.res_blocks) == (
         128, 4, 64, 1)
     assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching 25 of 32 rows
     assert (config.epochs, config.prior_epochs) == (6, 4)
     assert config.time_limit is None and config.prior_time_limit is None
-    for flag, value in (["--image-size", 256], ["--downsample", 8]):  # the grid goes as a pair
-        given = train.parse_args([flag, str(value), "--prior-layers", "10", "--epochs", "9"])
-        train.resolve_splits(given[0], "float32", given[1].given)
-        assert (given[0].image_size, given[0].downsample) == (256, 8)
+    for argv, grid in ((["--image-size", "64"], (64, 8)), (["--downsample", "16"], (256, 16))):
+        given = train.parse_args([*argv, "--prior-layers", "10", "--epochs", "9"])
+        train.resolve_splits(given[0], "float32", given[1].given)  # the grid goes as a pair
+        assert (given[0].image_size, given[0].downsample) == grid
         assert given[0].prior_layers == 10 and given[0].width == 64
-        assert (given[0].epochs, given[0].prior_epochs) == (9, 4)
+        assert (given[0].epochs, given[0].prior_epochs) == (9, 20)
+        assert (given[0].time_limit, given[0].prior_time_limit) == (5, 4)
+    capsys.readouterr()
     sharp = train.parse_args(["--purpose", "reconstruct"])[0]
-    train.resolve_splits(sharp, "float32", {"purpose"})  # the caps only
-    assert (sharp.image_size, sharp.downsample, sharp.epochs, sharp.prior_epochs) == (
-        256, 4, 6, 4)
+    train.resolve_splits(sharp, "float32", {"purpose"})
+    assert (sharp.image_size, sharp.downsample, sharp.epochs, sharp.time_limit) == (
+        256, 4, 20, 5)
+    assert "float32 here" not in capsys.readouterr().out
+    quiet = train.parse_args(["--prior-epochs", "0"])
+    train.resolve_splits(quiet[0], "float32", quiet[1].given)
+    assert "the VQ-VAE trains 6 epochs; no prior (--prior-epochs 0)" in capsys.readouterr().out
+
+
+def test_train_sizes_the_demo_for_the_precision_it_chose(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
+    trained = {}
+    monkeypatch.setattr(train, "train_vqvae", lambda config, *rest: trained.update(
+        vqvae=dataclasses.replace(config)))
+    monkeypatch.setattr(train, "train_prior", lambda config, *rest, **kw: True)
+    monkeypatch.setattr(train, "choose_precision", lambda choice: "float32")
+    train.main(["--out", "run"])
+    assert (trained["vqvae"].image_size, trained["vqvae"].epochs) == (128, 6)
+    monkeypatch.setattr(train, "choose_precision", lambda choice: "mixed_bfloat16")
+    try:
+        train.main(["--out", "run2"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # train() set it for the process
+    assert (trained["vqvae"].image_size, trained["vqvae"].time_limit) == (256, 5)
 
 
 @pytest.mark.parametrize("argv, message", [
