@@ -85,12 +85,11 @@ def size_demo(config, precision, given):
     """Cap the demo run and size its model for `precision`, where flags leave it. The float32
     demo's epoch caps were measured for its own model only: with another purpose or a grid
     given, the minute caps of DEMO hold instead."""
-    grid_given = any(name in given for name in GRID)
     generate = config.purpose == "generate"
-    small = precision == "float32" and generate and not grid_given
-    demo = DEMO_FLOAT32 if small else DEMO
+    small = precision == "float32" and generate and not any(name in given for name in GRID)
+    demo = DEMO_FLOAT32 if small else DEMO  # only DEMO_FLOAT32 sets the grid, and as a pair
     for name, value in {**demo["caps"], **(demo["model"] if generate else {})}.items():
-        if name not in given and not (name in GRID and grid_given):
+        if name not in given:
             setattr(config, name, value)
     flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
                      for name in ("purpose", *GRID, *DEMO["model"]))
