@@ -66,7 +66,7 @@ HELP = {
                                              "demo set in float32 uses 128 with --purpose "
                                              "generate unless this or --downsample is given)",
     "epochs": "epochs in all (a resumed run counts the epochs already done; the demo set "
-              "in float32 uses 6 where it sets --image-size 128)",
+              "in float32 uses 12 where it sets --image-size 128)",
     "batch_size": "images per training step: the global batch, split evenly across the "
                   "replicas of a --strategy", "learning_rate": "Adam learning rate",
     "time_limit": "stop when another epoch would pass this many minutes of training, resumed "
@@ -90,7 +90,7 @@ HELP = {
                "reconstruct: the sharpest reconstructions, from a 64x64 grid whose prior needs "
                "hours (--downsample 4 --width 64 --res-blocks 1). README: which to choose",
     "downsample": "image-to-latent-grid factor (4: 64x64 codes at 256 px, 8: 32x32; the "
-                  "float32 demo: 4 at 128 px)",
+                  "float32 demo: 8 at 128 px, 16x16 codes)",
     "width": "channels at the latent resolution (at least 8; the demo set uses 64 unless "
              "given, with --purpose generate)",
     "res_blocks": "residual blocks at the latent resolution, in encoder and decoder (the demo "
@@ -108,7 +108,7 @@ HELP = {
     "skip_bad_files": "leave out unreadable or undecodable images, listing them in the log and "
                       "config.json, instead of stopping with an error",
     "prior_epochs": "epochs of the PixelCNN prior after the VQ-VAE (0: no prior; the demo "
-                    "set in float32 uses 4 where it sets --image-size 128)",
+                    "set in float32 uses 12 where it sets --image-size 128)",
     "prior_batch_size": "code maps per prior training step (global, like --batch-size; on "
                         "GPUs, larger batches use the device better)",
     "prior_learning_rate": "Adam learning rate of the prior",

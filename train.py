@@ -45,7 +45,7 @@ from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,
 from settings import parse_args, read_run_config  # noqa: E402
 
 DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
-# The first `python train.py` (no data): 10-12 minutes on 2 cores, sized to the precision.
+# The first `python train.py` (no data): 9-10 minutes on 2 cores, sized to the precision.
 # demo: caps on its two stages (for any --purpose) and its model (--purpose generate only).
 # Where bfloat16 runs (AVX512_BF16 or AMX CPUs, GPUs): 32x32 code maps from a narrower first
 # stage, and a narrower prior (width 32: 3x faster per map) of 12 layers, as measured for the
@@ -53,12 +53,13 @@ DEMO_ROOT, OASIS_DEFAULT = Path("data/demo"), Path("data/keras_png_slices_data")
 DEMO = {"caps": {"time_limit": 5.0, "prior_time_limit": 4.0},
         "model": {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_layers": 12}}
 # In float32 (a CPU without bfloat16, e.g. AVX2 only) every step is ~5x slower, and the demo
-# above draws blobs: it trains at 128 px instead, 32x32 codes of 4x4 pixels (2x faster VQ-VAE
-# steps), for 6 epochs (its codebook spreads out in the 6th) and 4 prior epochs (its 12 layers
-# reach the 25 rows above a code; 8 layers ran samples on past the brain's lower edge). Caps in
-# epochs, not minutes: on a busy 2-core CPU the same minutes held 5 to 7 epochs.
-DEMO_FLOAT32 = {"caps": {"epochs": 6, "prior_epochs": 4},
-                "model": {"image_size": 128, "downsample": 4, **DEMO["model"]}}
+# above draws blobs: it trains 128-px slices into 16x16 code maps of 8x8 pixels instead (a VQ-VAE
+# epoch of ~20 s, a prior epoch of ~18 s), 12 epochs each. On 32x32 maps (--downsample 4) the
+# prior's 4 affordable epochs drew streaky shapes with no anatomy; on 16x16 its 12 layers see the
+# whole map above a code and it learns midlines and whole slice levels, blurred by the coarser
+# codes. Caps in epochs, not minutes: on a busy 2-core CPU the same minutes held 5 to 7 epochs.
+DEMO_FLOAT32 = {"caps": {"epochs": 12, "prior_epochs": 12},
+                "model": {"image_size": 128, "downsample": 8, **DEMO["model"]}}
 GRID = ("image_size", "downsample")  # set together: a given one keeps the other's default
 
 

@@ -98,8 +98,8 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
 
 def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_path, monkeypatch,
                                                                        capsys):
-    """Without bfloat16 a step is ~5x slower: the demo trains 128-px slices into 32x32 codes of
-    4x4 pixels, for epochs rather than minutes (a busy CPU fits 5 to 7 in the same minutes).
+    """Without bfloat16 a step is ~5x slower: the demo trains 128-px slices into 16x16 codes of
+    8x8 pixels, for epochs rather than minutes (a busy CPU fits 5 to 7 in the same minutes).
     Those epochs were measured for that model only: any other keeps the minute caps."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
@@ -107,11 +107,11 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
     train.resolve_splits(config, "float32")
     printed = capsys.readouterr().out
     assert "float32 here" in printed
-    assert "the VQ-VAE trains 6 epochs; the prior 4 epochs (" in printed
+    assert "the VQ-VAE trains 12 epochs; the prior 12 epochs (" in printed
     assert (config.image_size, config.downsample, config.width, config.res_blocks) == (
-        128, 4, 64, 1)
-    assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching 25 of 32 rows
-    assert (config.epochs, config.prior_epochs) == (6, 4)
+        128, 8, 64, 1)
+    assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching all 16 rows
+    assert (config.epochs, config.prior_epochs) == (12, 12)
     assert config.time_limit is None and config.prior_time_limit is None
     for argv, grid in ((["--image-size", "64"], (64, 8)), (["--downsample", "16"], (256, 16))):
         given = train.parse_args([*argv, "--prior-layers", "10", "--epochs", "9"])
@@ -128,7 +128,7 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
     assert "float32 here" not in capsys.readouterr().out
     quiet = train.parse_args(["--prior-epochs", "0"])
     train.resolve_splits(quiet[0], "float32", quiet[1].given)
-    assert "the VQ-VAE trains 6 epochs; no prior (--prior-epochs 0)" in capsys.readouterr().out
+    assert "the VQ-VAE trains 12 epochs; no prior (--prior-epochs 0)" in capsys.readouterr().out
 
 
 def test_train_sizes_the_demo_for_the_precision_it_chose(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_train_sizes_the_demo_for_the_precision_it_chose(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_prior", lambda config, *rest, **kw: True)
     monkeypatch.setattr(train, "choose_precision", lambda choice: "float32")
     train.main(["--out", "run"])
-    assert (trained["vqvae"].image_size, trained["vqvae"].epochs) == (128, 6)
+    assert (trained["vqvae"].image_size, trained["vqvae"].epochs) == (128, 12)
     monkeypatch.setattr(train, "choose_precision", lambda choice: "mixed_bfloat16")
     try:
         train.main(["--out", "run2"])
