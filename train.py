@@ -54,10 +54,11 @@ DEMO = {"caps": {"time_limit": 5.0, "prior_time_limit": 4.0},
         "model": {"width": 64, "res_blocks": 1, "prior_width": 32, "prior_layers": 12}}
 # In float32 (a CPU without bfloat16, e.g. AVX2 only) every step is ~5x slower, and the demo
 # above draws blobs: it trains 128-px slices into 16x16 code maps of 8x8 pixels instead (a VQ-VAE
-# epoch of ~20 s, a prior epoch of ~18 s), 12 epochs each. On 32x32 maps (--downsample 4) the
+# epoch of ~20 s, a prior epoch of ~19 s), 12 epochs each. On 32x32 maps (--downsample 4) the
 # prior's 4 affordable epochs drew streaky shapes with no anatomy; on 16x16 its 12 layers see the
 # whole map above a code and it learns midlines and whole slice levels, blurred by the coarser
-# codes. Caps in epochs, not minutes: on a busy 2-core CPU the same minutes held 5 to 7 epochs.
+# codes. Caps in epochs, not minutes, so that every CPU trains the same amount (on a noisy
+# 2-core host, minute caps cut the 32x32 first stage at 5 epochs, before its codebook spread).
 DEMO_FLOAT32 = {"caps": {"epochs": 12, "prior_epochs": 12},
                 "model": {"image_size": 128, "downsample": 8, **DEMO["model"]}}
 GRID = ("image_size", "downsample")  # set together: a given one keeps the other's default
@@ -94,8 +95,12 @@ def size_demo(config, precision, given):
             setattr(config, name, value)
     flags = " ".join(f"--{name.replace('_', '-')} {getattr(config, name)}"
                      for name in ("purpose", *GRID, *DEMO["model"]))
-    speed = (" (float32 here: a step is ~5x slower than with bfloat16, so a smaller demo, "
-             "README)" if small else "")
+    speed = (" (float32 here: a step is ~5x slower than with bfloat16, so a smaller demo of "
+             "about 10 minutes on 2 cores; README: 'The demo on a CPU without bfloat16')"
+             if small else "")
+    caps = DEMO["caps"]
+    pair = (f"; with --image-size or --downsample given: the {caps['time_limit']:g} and "
+            f"{caps['prior_time_limit']:g} minute caps instead" if small else "")
 
     def length(epochs, minutes):
         return f"{epochs} epochs" + (f" or about {minutes:g} minutes, whichever ends first"
@@ -104,7 +109,7 @@ def size_demo(config, precision, given):
              if config.prior_epochs else "no prior (--prior-epochs 0)")
     print(f"demo run{speed}: {flags}; the VQ-VAE trains {length(config.epochs, config.time_limit)}"
           f"; {prior} (set these flags, --epochs, --time-limit, --prior-epochs and "
-          f"--prior-time-limit to change; a time limit of 0: none).", flush=True)
+          f"--prior-time-limit to change; a time limit of 0: none{pair}).", flush=True)
 
 
 def demo_root(seed):

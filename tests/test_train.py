@@ -99,20 +99,26 @@ def test_no_data_flags_build_and_use_the_demo_set(tmp_path, monkeypatch, capsys)
 def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_path, monkeypatch,
                                                                        capsys):
     """Without bfloat16 a step is ~5x slower: the demo trains 128-px slices into 16x16 codes of
-    8x8 pixels, for epochs rather than minutes (a busy CPU fits 5 to 7 in the same minutes).
-    Those epochs were measured for that model only: any other keeps the minute caps."""
+    8x8 pixels, for a set number of epochs (the same training on any CPU). Those epochs were
+    measured for that model only: with another purpose or a grid given, the minute caps hold."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
     config = Config()
     train.resolve_splits(config, "float32")
     printed = capsys.readouterr().out
-    assert "float32 here" in printed
+    assert "float32 here" in printed and ("--purpose generate --image-size 128 --downsample 8 "
+                                          "--width 64 --res-blocks 1 --prior-width 32 "
+                                          "--prior-layers 12;" in printed)
     assert "the VQ-VAE trains 12 epochs; the prior 12 epochs (" in printed
+    assert "with --image-size or --downsample given: the 5 and 4 minute caps instead" in printed
     assert (config.image_size, config.downsample, config.width, config.res_blocks) == (
         128, 8, 64, 1)
     assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching all 16 rows
     assert (config.epochs, config.prior_epochs) == (12, 12)
     assert config.time_limit is None and config.prior_time_limit is None
+    # a float32 grid unlike either default, so that any part of it leaking in would show
+    monkeypatch.setitem(train.DEMO_FLOAT32, "model",
+                        {**train.DEMO_FLOAT32["model"], "image_size": 96, "downsample": 4})
     for argv, grid in ((["--image-size", "64"], (64, 8)), (["--downsample", "16"], (256, 16))):
         given = train.parse_args([*argv, "--prior-layers", "10", "--epochs", "9"])
         train.resolve_splits(given[0], "float32", given[1].given)  # the grid goes as a pair
