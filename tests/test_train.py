@@ -116,17 +116,18 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
     assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching all 16 rows
     assert (config.epochs, config.prior_epochs) == (12, 12)
     assert config.time_limit is None and config.prior_time_limit is None
-    # a float32 grid unlike either default, so that any part of it leaking in would show
-    monkeypatch.setitem(train.DEMO_FLOAT32, "model",
-                        {**train.DEMO_FLOAT32["model"], "image_size": 96, "downsample": 4})
-    for argv, grid in ((["--image-size", "64"], (64, 8)), (["--downsample", "16"], (256, 16))):
-        given = train.parse_args([*argv, "--prior-layers", "10", "--epochs", "9"])
-        train.resolve_splits(given[0], "float32", given[1].given)  # the grid goes as a pair
-        assert (given[0].image_size, given[0].downsample) == grid
-        assert given[0].prior_layers == 10 and given[0].width == 64
-        assert (given[0].epochs, given[0].prior_epochs) == (9, 20)
-        assert (given[0].time_limit, given[0].prior_time_limit) == (5, 4)
-    capsys.readouterr()
+    with monkeypatch.context() as patch:  # a float32 grid unlike either default: a leak shows
+        patch.setitem(train.DEMO_FLOAT32, "model",
+                      {**train.DEMO_FLOAT32["model"], "image_size": 96, "downsample": 4})
+        for argv, grid in ((["--image-size", "64"], (64, 8)), (["--downsample", "16"], (256, 16))):
+            given = train.parse_args([*argv, "--prior-layers", "10", "--epochs", "9"])
+            train.resolve_splits(given[0], "float32", given[1].given)  # the grid goes as a pair
+            assert (given[0].image_size, given[0].downsample) == grid
+            assert given[0].prior_layers == 10 and given[0].width == 64
+            assert (given[0].epochs, given[0].prior_epochs) == (9, 20)
+            assert (given[0].time_limit, given[0].prior_time_limit) == (5, 4)
+            printed = capsys.readouterr().out
+            assert "float32 here" not in printed and "or about 5 minutes" in printed
     sharp = train.parse_args(["--purpose", "reconstruct"])[0]
     train.resolve_splits(sharp, "float32", {"purpose"})
     assert (sharp.image_size, sharp.downsample, sharp.epochs, sharp.time_limit) == (
