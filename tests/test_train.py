@@ -138,6 +138,29 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
     assert "the VQ-VAE trains 12 epochs; no prior (--prior-epochs 0)" in capsys.readouterr().out
 
 
+def test_real_data_in_float32_points_to_the_grid_measured_for_it(oasis_root, tmp_path,
+                                                                   capsys):
+    """On real data the grid stays the user's (a run keeps its slice size): in float32 the run
+    only says that the 256-px model trains ~5x slower and which grid was measured instead."""
+    for split in ("train", "validate"):
+        (tmp_path / split).mkdir()
+    real = ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "validate")]
+    config, mode = train.parse_args(real)
+    train.resolve_splits(config, "float32", mode.given)
+    printed = capsys.readouterr().out
+    assert "float32 here" in printed and "this 256-px model" in printed
+    assert "--image-size 128 --downsample 8" in printed
+    assert (config.image_size, config.downsample, config.epochs) == (256, 8, Config.epochs)
+    config, mode = train.parse_args(["--data", str(oasis_root)])  # an OASIS root says so too
+    train.resolve_splits(config, "float32", mode.given)
+    assert "--image-size 128 --downsample 8" in capsys.readouterr().out
+    for precision, argv in (("mixed_bfloat16", []), ("float32", ["--downsample", "4"]),
+                            ("float32", ["--purpose", "reconstruct"])):
+        config, mode = train.parse_args([*real, *argv])
+        train.resolve_splits(config, precision, mode.given)
+        assert "float32 here" not in capsys.readouterr().out, (precision, argv)
+
+
 def test_train_sizes_the_demo_for_the_precision_it_chose(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dataset, "DEMO_COUNTS", {"train": 2, "validate": 1, "test": 1})
