@@ -345,10 +345,11 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
                                "unigram": baseline(metrics.unigram_bits),
                                "position_unigram": baseline(metrics.position_unigram_bits),
                                "uniform": float(np.log2(K))},
-        # reconstructions too: a blurring decoder makes any two slices more alike, so this is
-        # the diversity the samples could reach through this decoder (as for realism)
+        # the reconstructions too, next to the real slices they come from: a blurring decoder
+        # makes any two slices more alike, and so would a perfect prior's samples through it
         "mean_pairwise_ms_ssim": {name: metrics.mean_pairwise_ms_ssim(images) for name, images
                                   in (("samples", samples), ("real_test", real),
+                                      ("real_test_other_half", other),
                                       ("test_reconstructions", reconstructions))},
         "nearest_training_ssim": nearest,
         "brain_intensity": {"real_test": metrics.brain_intensity(real)} | {
@@ -396,7 +397,8 @@ def print_metrics(result):
           f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
     print(f"  diversity, mean pairwise MS-SSIM (lower = more varied): samples "
           f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}; floor: test "
-          f"reconstructions {div['test_reconstructions']:.3f}")
+          f"reconstructions {div['test_reconstructions']:.3f} (their real slices "
+          f"{div['real_test_other_half']:.3f})")
     print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(
         f"{name.replace('_', ' ')} {near[name]['mean']:.3f} / {near[name]['max']:.3f}"
         for name in ("samples", "real_test", "test_reconstructions")))

@@ -62,6 +62,9 @@ DEMO = {"caps": {"time_limit": 5.0, "prior_time_limit": 4.0},
 DEMO_FLOAT32 = {"caps": {"epochs": 12, "prior_epochs": 12},
                 "model": {"image_size": 128, "downsample": 8, **DEMO["model"]}}
 GRID = ("image_size", "downsample")  # set together: a given one keeps the other's default
+# On real data in float32: the settings of the README's 128-px runs (19 + 39 minutes of training)
+FLOAT32_RECIPE = ("--image-size 128 --downsample 8 --width 64 --res-blocks 1 --prior-dropout 0.1 "
+                  "--epochs 200 --time-limit 20 --prior-epochs 200 --prior-time-limit 40")
 
 
 def resolve_splits(config, precision, given=()):
@@ -72,7 +75,7 @@ def resolve_splits(config, precision, given=()):
     if config.train_dir or config.val_dir:
         if not (config.train_dir and config.val_dir):
             sys.exit("error: --train-dir and --val-dir go together: give both.")
-        point_float32_to_its_grid(config, precision, given)
+        suggest_float32_recipe(config, precision, given)
         return {"train": str(Path(config.train_dir).resolve()),
                 "validate": str(Path(config.val_dir).resolve()),
                 "test": str(Path(config.test_dir).resolve()) if config.test_dir else None}
@@ -81,23 +84,24 @@ def resolve_splits(config, precision, given=()):
         root = demo_root(config.seed)
         size_demo(config, precision, given)
     else:
-        point_float32_to_its_grid(config, precision, given)
+        suggest_float32_recipe(config, precision, given)
     dirs = dataset.oasis_split_dirs(root, need_test=False)  # training can go without a test set
     return {split: str(path.resolve()) if path else None for split, path in dirs.items()}
 
 
-def point_float32_to_its_grid(config, precision, given):
-    """On real data in float32, say that the default generating model trains ~5x slower here,
-    and which grid was measured for such a CPU. It only says so: the slice size is the user's
-    to choose, and a run's outputs keep the size it was started with."""
-    if precision == "float32" and config.purpose == "generate" and not any(
+def suggest_float32_recipe(config, precision, given):
+    """On real data, where `--precision auto` found no bfloat16 on a CPU, say that the default
+    generating model trains ~5x slower here, and give the recipe measured for such a CPU. It
+    only says so: the slice size is the user's to choose, and a run keeps the size it started
+    with."""
+    on_a_cpu = config.precision == "auto" and not tf.config.list_physical_devices("GPU")
+    if precision == "float32" and on_a_cpu and config.purpose == "generate" and not any(
             name in given for name in GRID):
-        print(f"note: float32 here (no bfloat16): a step is ~5x slower, so in the same minutes "
-              f"this {config.image_size}-px model trains a fifth as far. Measured for such a CPU "
-              f"(README: 'On a CPU without bfloat16: 128-px slices'): --image-size 128 "
-              f"--downsample 8 --width 64 --res-blocks 1 --prior-dropout 0.1 --time-limit 20 "
-              f"--prior-time-limit 40, 16x16 code maps that generate recognisable slices in an "
-              f"hour.", flush=True)
+        print(f"note: no bfloat16 on this CPU, so float32: a step is ~5x slower, and in the same "
+              f"minutes the default {config.image_size}-px model trains a fifth as far. Measured "
+              f"for such a CPU (README: 'On a CPU without bfloat16: 128-px slices'), 16x16 code "
+              f"maps that generate recognisable slices in about an hour: {FLOAT32_RECIPE}",
+              flush=True)
 
 
 def size_demo(config, precision, given):

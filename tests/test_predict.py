@@ -96,8 +96,10 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     assert bits["uniform"] == 4.0 and 0 < bits["prior"] < 6 and 0 < bits["unigram"] <= 4.5
     assert 0 < bits["position_unigram"] < 8
     diversity = found["mean_pairwise_ms_ssim"]
-    assert set(diversity) == {"samples", "real_test", "test_reconstructions"}
+    assert set(diversity) == {"samples", "real_test", "real_test_other_half",
+                              "test_reconstructions"}
     assert all(0 <= value <= 1 for value in diversity.values())
+    assert len(set(diversity.values())) == 4  # four different sets of slices
     assert set(found["nearest_training_ssim"]) == {"samples", "real_test",
                                                    "test_reconstructions"}
     for stats in found["nearest_training_ssim"].values():
@@ -120,7 +122,8 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet",
                   "a second random CNN", "mean term", "inside the brain", "standardised", "(CSF)"):
         assert words in printed
-    assert re.search(r"diversity, .*; floor: test reconstructions \d\.\d{3}\n", printed)
+    assert re.search(r"diversity, .*; floor: test reconstructions \d\.\d{3} \(their real "
+                     r"slices \d\.\d{3}\)\n", printed)
 
 
 def test_generate_without_metrics_only_samples(trained_run, tmp_path):

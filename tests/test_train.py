@@ -111,6 +111,7 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
                                           "--prior-layers 12;" in printed)
     assert "the VQ-VAE trains 12 epochs; the prior 12 epochs (" in printed
     assert "with --image-size or --downsample given: the 5 and 4 minute caps instead" in printed
+    assert train.FLOAT32_RECIPE not in printed  # the demo sizes itself instead
     assert (config.image_size, config.downsample, config.width, config.res_blocks) == (
         128, 8, 64, 1)
     assert (config.prior_width, config.prior_layers) == (32, 12)  # reaching all 16 rows
@@ -138,27 +139,30 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
     assert "the VQ-VAE trains 12 epochs; no prior (--prior-epochs 0)" in capsys.readouterr().out
 
 
-def test_real_data_in_float32_points_to_the_grid_measured_for_it(oasis_root, tmp_path,
-                                                                   capsys):
-    """On real data the grid stays the user's (a run keeps its slice size): in float32 the run
-    only says that the 256-px model trains ~5x slower and which grid was measured instead."""
+def test_real_data_on_a_cpu_without_bfloat16_gets_the_float32_recipe(oasis_root, tmp_path,
+                                                                      capsys):
+    """On real data the grid stays the user's (a run keeps its slice size): where auto precision
+    found no bfloat16 on a CPU, the run only says that the 256-px model trains ~5x slower and
+    gives the recipe the README measured, the same one the README shows."""
     for split in ("train", "validate"):
         (tmp_path / split).mkdir()
     real = ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "validate")]
-    config, mode = train.parse_args(real)
-    train.resolve_splits(config, "float32", mode.given)
-    printed = capsys.readouterr().out
-    assert "float32 here" in printed and "this 256-px model" in printed
-    assert "--image-size 128 --downsample 8" in printed
-    assert (config.image_size, config.downsample, config.epochs) == (256, 8, Config.epochs)
-    config, mode = train.parse_args(["--data", str(oasis_root)])  # an OASIS root says so too
-    train.resolve_splits(config, "float32", mode.given)
-    assert "--image-size 128 --downsample 8" in capsys.readouterr().out
+    for argv in (real, ["--data", str(oasis_root)]):
+        config, mode = train.parse_args(argv)
+        train.resolve_splits(config, "float32", mode.given)
+        printed = capsys.readouterr().out
+        assert "no bfloat16 on this CPU" in printed and "the default 256-px model" in printed
+        assert printed.rstrip().endswith(train.FLOAT32_RECIPE)
+        assert (config.image_size, config.downsample, config.epochs) == (256, 8, Config.epochs)
+    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    assert train.FLOAT32_RECIPE in " ".join(readme.split())
     for precision, argv in (("mixed_bfloat16", []), ("float32", ["--downsample", "4"]),
+                            ("float32", ["--image-size", "128"]),
+                            ("float32", ["--precision", "float32"]),
                             ("float32", ["--purpose", "reconstruct"])):
         config, mode = train.parse_args([*real, *argv])
         train.resolve_splits(config, precision, mode.given)
-        assert "float32 here" not in capsys.readouterr().out, (precision, argv)
+        assert "bfloat16" not in capsys.readouterr().out, (precision, argv)
 
 
 def test_train_sizes_the_demo_for_the_precision_it_chose(tmp_path, monkeypatch):
