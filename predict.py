@@ -396,7 +396,7 @@ def print_metrics(result):
           f"(per-position unigram {bits['position_unigram']:.3f}, unigram "
           f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
     print(f"  diversity, mean pairwise MS-SSIM (lower = more varied): samples "
-          f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}; floor: test "
+          f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}; reference: test "
           f"reconstructions {div['test_reconstructions']:.3f} (their real slices "
           f"{div['real_test_other_half']:.3f})")
     print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(

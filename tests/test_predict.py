@@ -122,7 +122,7 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet",
                   "a second random CNN", "mean term", "inside the brain", "standardised", "(CSF)"):
         assert words in printed
-    assert re.search(r"diversity, .*; floor: test reconstructions \d\.\d{3} \(their real "
+    assert re.search(r"diversity, .*; reference: test reconstructions \d\.\d{3} \(their real "
                      r"slices \d\.\d{3}\)\n", printed)
 
 

@@ -140,10 +140,13 @@ def test_a_float32_demo_trains_smaller_images_for_a_set_number_of_epochs(tmp_pat
 
 
 def test_real_data_on_a_cpu_without_bfloat16_gets_the_float32_recipe(oasis_root, tmp_path,
-                                                                      capsys):
+                                                                      monkeypatch, capsys):
     """On real data the grid stays the user's (a run keeps its slice size): where auto precision
     found no bfloat16 on a CPU, the run only says that the 256-px model trains ~5x slower and
-    gives the recipe the README measured, the same one the README shows."""
+    gives the recipe the README measured, the same one the README's command shows."""
+    gpus = []
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: gpus if kind == "GPU" else [])
     for split in ("train", "validate"):
         (tmp_path / split).mkdir()
     real = ["--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "validate")]
@@ -154,15 +157,21 @@ def test_real_data_on_a_cpu_without_bfloat16_gets_the_float32_recipe(oasis_root,
         assert "no bfloat16 on this CPU" in printed and "the default 256-px model" in printed
         assert printed.rstrip().endswith(train.FLOAT32_RECIPE)
         assert (config.image_size, config.downsample, config.epochs) == (256, 8, Config.epochs)
-    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
-    assert train.FLOAT32_RECIPE in " ".join(readme.split())
-    for precision, argv in (("mixed_bfloat16", []), ("float32", ["--downsample", "4"]),
-                            ("float32", ["--image-size", "128"]),
-                            ("float32", ["--precision", "float32"]),
-                            ("float32", ["--purpose", "reconstruct"])):
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text()
+                      .replace("\\\n", " ").split())
+    commands = re.findall(r"brain-slices/validate (--image-size 128 [^`]*?) --out OUT", readme)
+    assert train.FLOAT32_RECIPE in commands  # one README command's flags, exactly
+    cases = [("mixed_bfloat16", []), ("float32", ["--downsample", "4"]),
+             ("float32", ["--image-size", "128"]), ("float32", ["--precision", "float32"]),
+             ("float32", ["--purpose", "reconstruct"])]
+    for precision, argv in cases:
         config, mode = train.parse_args([*real, *argv])
         train.resolve_splits(config, precision, mode.given)
         assert "bfloat16" not in capsys.readouterr().out, (precision, argv)
+    gpus.append(tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU"))  # an old GPU
+    config, mode = train.parse_args(real)
+    train.resolve_splits(config, "float32", mode.given)
+    assert "bfloat16" not in capsys.readouterr().out
 
 
 def test_train_sizes_the_demo_for_the_precision_it_chose(tmp_path, monkeypatch):
