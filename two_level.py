@@ -15,7 +15,8 @@ Both codebooks have K codes and train by EMA like modules.VectorQuantizer's.
         --val-dir ../shared/data/brain-slices/validate --out out/two_level
 
 trains the three stages one after the other, each to its time limit (--minutes, 40 25 25
-by default: 90 in all; a stage already finished in --out is loaded, one cut short resumes),
+by default: 90 in all; a stage already finished in --out is loaded, one cut short resumes, and
+one given --minutes above those it used trains on),
 then draws --generate slices and measures them with predict.py's metrics into
 generate/generation_report.json, as `predict.py --generate` does for a one-level run.
 """
@@ -192,7 +193,7 @@ class TwoLevelGenerator:
         return draw
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train-dir", required=True, help="folder of training slices")
@@ -200,10 +201,12 @@ def parse_args(argv=None):
     parser.add_argument("--test-dir", default="", help="slices the samples are measured "
                         "against (default: --val-dir)")
     parser.add_argument("--out", default="out/two_level", help="output folder")
-    parser.add_argument("--minutes", type=float, nargs=3, default=[40.0, 25.0, 25.0],
-                        metavar=("FIRST", "TOP", "BOTTOM"),
-                        help="time limits of the first stage, the top prior and the bottom "
-                             "prior (as train.py's --time-limit)")
+    parser.add_argument("--minutes", type=float, nargs=3, metavar=("FIRST", "TOP", "BOTTOM"),
+                        default=argparse.SUPPRESS,  # so that run() knows they were given
+                        help=f"time limits of the first stage, the top prior and the bottom "
+                             f"prior (as train.py's --time-limit, 0: none; default "
+                             f"{' '.join(map(str, MINUTES))}); given, a finished stage with "
+                             f"room for another epoch under its limit trains on")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--res-blocks", type=int, default=1)
@@ -217,29 +220,65 @@ def parse_args(argv=None):
                         metavar=("WIDTH", "LAYERS", "KERNEL"),
                         help="the bottom prior's size: 4x the positions of the top map, so "
                              "smaller, and it knows the layout from the top map")
+    parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
+                        metavar=("TOP", "BOTTOM"), help="dropout rate in each prior's gated "
+                        "layers while it trains (as train.py's --prior-dropout; 0: none)")
     parser.add_argument("--generate", type=int, default=256,
                         help="slices to draw and measure (0: none, else at least 2)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.minutes_given, args.minutes = hasattr(args, "minutes"), getattr(args, "minutes",
+                                                                         MINUTES)
+    if not all(0 <= rate < 1 for rate in args.prior_dropout):
+        parser.error(f"--prior-dropout must be at least 0 and below 1, got {args.prior_dropout}")
     if args.generate == 1 or args.generate < 0:
         parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
     return args
 
 
-def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=None):
+def reopen_if_given_time(state, state_path, minutes, dependents=()):
+    """A finished stage with room under `minutes` for another epoch as long as its last (and
+    epochs left) is marked unfinished, on disk at once, so that it trains on and a kill now
+    resumes it. Refused if `dependents` (prior states) learned its codes: training the first
+    stage on would outdate them, and lose the best.keras they learned from."""
+    if not (state.get("finished") and state["epochs_done"] < EPOCHS
+            and not train.time_is_up(minutes, state)):
+        return
+    used = state["elapsed_minutes"] + state["epoch_seconds"] / 60
+    if dependents:
+        sys.exit(f"error: --minutes gives the first stage in {state_path.parent} room to train "
+                 f"on, but {', '.join(path.name for path in dependents)} learned its codes: "
+                 f"pass a first limit of at most {int(10 * used) / 10:g}, use a new --out, or "
+                 f"delete the *_prior_* files first.")
+    print(f"{state_path.name}: {state['elapsed_minutes']:.1f} of {minutes:g} minutes used: "
+          f"training on", flush=True)
+    del state["finished"]
+    write_json(state, state_path)
+
+
+def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=None,
+              more_time=False, dependents=()):
     """Train one stage to its time limit, saving {prefix}last.keras, {prefix}best.keras (best
     validation SSIM for the autoencoder, bits per code for a prior) and {prefix}state.json each
     epoch (monitor.Checkpoints); a finished stage is only loaded, one cut short resumes (its
     log trimmed to the epochs saved). make_data(seed) -> (training, validation) batches,
-    reshuffled per resumed part. A prior is `tied_to` the first stage's best.keras: if that
-    file changed, the run is refused. -> the stage's best model."""
+    reshuffled per resumed part; with more_time (--minutes given), a finished one trains on if
+    its limit allows (reopen_if_given_time). A prior is `tied_to` the first stage's
+    best.keras: if that file changed, the run is refused. -> the stage's best model."""
     state_path = out / f"{prefix}state.json"
     state = read_json(state_path) if state_path.exists() else {}
     fingerprint = file_sha256(tied_to) if tied_to else None
     if state and state.get("vqvae_sha256") != fingerprint:
         sys.exit(f"error: {out / 'best.keras'} changed after {state_path} was trained on its "
                  f"codes: use a new --out, or delete the {prefix}* files to train it again.")
+    if more_time:
+        reopen_if_given_time(state, state_path, minutes, dependents)
     if not state.get("finished"):
         model = load_checkpoint(out / f"{prefix}last.keras", kind) if state else build()
         if tied_to:
@@ -253,7 +292,7 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
                      keras.callbacks.CSVLogger(str(log), append="epochs_done" in state),
                      keras.callbacks.TerminateOnNaN(),
                      Checkpoints(out, state, prefix, monitor, kind is TwoLevelVQVAE, log=log)]
-        if not train.time_is_up(minutes, state):
+        if not train.time_is_up(minutes, state) and state.get("epochs_done", 0) < EPOCHS:
             train.fit(model, *make_data(state.get("epochs_done", 0)), EPOCHS, state,
                       callbacks, loss, "learning rate")
         state["finished"] = True
@@ -262,8 +301,9 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
 
 
 EPOCHS = 1000  # each stage stops at its time limit
+MINUTES = (40.0, 25.0, 25.0)  # the stages' limits: 90 minutes in all
 MODEL_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
-               "bottom_prior")
+               "bottom_prior", "prior_dropout")
 
 
 def check_same_model(args, out):
@@ -272,7 +312,9 @@ def check_same_model(args, out):
     if not path.exists():
         write_json(given, path)
     saved = read_json(path)
-    changed = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS if saved[name] != given[name]]
+    default = build_parser().get_default  # for a flag newer than the run
+    changed = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS
+               if saved.get(name, default(name)) != given[name]]
     if changed:
         sys.exit(f"error: {out} holds a run with other {', '.join(changed)} ({path}): use a new "
                  f"--out, or the run's own settings.")
@@ -290,11 +332,12 @@ def code_datasets(codes, batch_size, seed):
     return batches("train", True).prefetch(tf.data.AUTOTUNE), batches("validate", False)
 
 
-def build_prior(size, grid, codebook_size, condition_grid=0):
+def build_prior(size, grid, codebook_size, dropout, condition_grid=0):
     """A fresh top prior, or with a condition_grid a bottom prior conditioned on the top."""
     width, layers_, kernel = size
     prior = PixelCNNPrior(grid_size=grid, codebook_size=codebook_size, width=width,
-                          layers=layers_, kernel_size=kernel, condition_grid=condition_grid,
+                          layers=layers_, kernel_size=kernel, dropout=dropout,
+                          condition_grid=condition_grid,
                           condition_codebook=codebook_size if condition_grid else 0)
     prior.compile(optimizer=keras.optimizers.Adam(1e-3))
     return prior
@@ -337,7 +380,9 @@ def run(args, out):
         return model
 
     vqvae = fit_stage(out, "", build_vqvae, images, args.minutes[0],
-                      lambda logs: f"val SSIM {logs['val_ssim']:.4f}", TwoLevelVQVAE)
+                      lambda logs: f"val SSIM {logs['val_ssim']:.4f}", TwoLevelVQVAE,
+                      more_time=args.minutes_given,
+                      dependents=sorted(out.glob("*_prior_state.json")))
     started = time.time()
     codes = {split: vqvae.encode_all(dataset.load_split(paths[split], args.image_size, 64))
              for split in ("train", "validate")}
@@ -349,13 +394,15 @@ def run(args, out):
     top_grid, bottom_grid = args.image_size // 8, args.image_size // 4
     top_codes = {split: (top, None) for split, (top, _) in codes.items()}
     both_codes = {split: (bottom, top) for split, (top, bottom) in codes.items()}
-    tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras")
+    tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras", more_time=args.minutes_given)
     top_prior = fit_stage(
-        out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K),
+        out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K, args.prior_dropout[0]),
         lambda seed: code_datasets(top_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[1], bits, **tie)
     bottom_prior = fit_stage(
-        out, "bottom_prior_", lambda: build_prior(args.bottom_prior, bottom_grid, K, top_grid),
+        out, "bottom_prior_",
+        lambda: build_prior(args.bottom_prior, bottom_grid, K, args.prior_dropout[1],
+                            top_grid),
         lambda seed: code_datasets(both_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[2], bits, **tie)
     if args.generate:

@@ -127,3 +127,63 @@ def test_a_stage_cut_short_resumes_and_a_changed_model_is_refused(tmp_path):
     make_model().save(out / "best.keras")  # a first stage the priors never saw
     with pytest.raises(SystemExit, match="changed after"):
         two_level.main(argv)
+
+
+def test_prior_dropout_is_built_and_kept(tmp_path, capsys):
+    """--prior-dropout TOP BOTTOM sets each prior's training dropout; it is a model flag, so a
+    later run in the same --out with another rate is refused, and a run recorded before the
+    flag existed counts as 0 0."""
+    out, argv = tmp_path / "out", tiny_experiment(tmp_path) + ["--generate", "0", "--minutes",
+                                                               "0.001", "0.001", "0.001"]
+    two_level.main(argv + ["--prior-dropout", "0.25", "0"])
+    rates = {prefix: {block.dropout.rate for block in keras.saving.load_model(
+        out / f"{prefix}_prior_best.keras").blocks} for prefix in ("top", "bottom")}
+    assert rates == {"top": {0.25}, "bottom": {0.0}}
+    assert json.loads((out / "args.json").read_text())["prior_dropout"] == [0.25, 0.0]
+    with pytest.raises(SystemExit, match="other --prior-dropout"):
+        two_level.main(argv + ["--prior-dropout", "0.1", "0"])
+    with pytest.raises(SystemExit):
+        two_level.parse_args(argv + ["--prior-dropout", "1", "0"])
+    assert "--prior-dropout must be at least 0 and below 1" in capsys.readouterr().err
+    args = json.loads((out / "args.json").read_text())
+    del args["prior_dropout"]
+    (out / "args.json").write_text(json.dumps(args))
+    with pytest.raises(SystemExit, match="other --prior-dropout"):
+        two_level.main(argv + ["--prior-dropout", "0.25", "0"])
+    two_level.main(argv)  # 0 0, as before the flag: accepted (its stages are loaded)
+
+
+def test_a_finished_stage_trains_on_only_when_given_more_minutes(tmp_path, monkeypatch):
+    """A top prior stopped by its time limit trains on from its saved weights and optimizer
+    when --minutes gives it more than it used, and only then (a run without --minutes, as to
+    sample again, keeps it); a stage that did all its epochs is only loaded; a first stage
+    given more time is refused before it trains while priors learned its codes."""
+    out, argv = tmp_path / "out", tiny_experiment(tmp_path) + ["--generate", "0"]
+    minutes = ["--minutes", "0.001", "0.001", "0.001"]
+    two_level.main(argv + minutes)
+    state_path = out / "top_prior_state.json"
+    state = json.loads(state_path.read_text())
+    # as if the limit were far above what the first epoch used: one more epoch at any speed
+    state_path.write_text(json.dumps({**state, "elapsed_minutes": 0.0, "epoch_seconds": 0.0}))
+    monkeypatch.setattr(two_level, "MINUTES", (0.001,) * 3)  # room too, but not asked for
+    two_level.main(argv)
+    assert json.loads(state_path.read_text())["epochs_done"] == 1
+    two_level.main(argv + minutes)
+    resumed = json.loads(state_path.read_text())
+    assert resumed["finished"] and resumed["epochs_done"] == 2
+    assert resumed["optimizer_steps"] == 2 * state["optimizer_steps"]
+    log = (out / "top_prior_training_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["0", "1"]
+    assert json.loads((out / "bottom_prior_state.json").read_text())["epochs_done"] == 1
+    done = {**resumed, "epochs_done": two_level.EPOCHS, "elapsed_minutes": 0.0,
+            "epoch_seconds": 0.0}  # time to spare, but no epochs left: not trained on
+    state_path.write_text(json.dumps(done))
+    two_level.main(argv + minutes)
+    assert json.loads(state_path.read_text()) == done
+    first_path, best = out / "state.json", (out / "best.keras").read_bytes()
+    first = json.loads(first_path.read_text())
+    first_path.write_text(json.dumps({**first, "elapsed_minutes": 0.0, "epoch_seconds": 0.0}))
+    with pytest.raises(SystemExit, match="learned its codes"):
+        two_level.main(argv + minutes)
+    assert (out / "best.keras").read_bytes() == best
+    assert json.loads(first_path.read_text())["epochs_done"] == first["epochs_done"]
