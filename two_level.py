@@ -242,13 +242,18 @@ def parse_args(argv=None):
     return args
 
 
+def room_to_train(state, minutes):
+    """Another epoch as long as the last fits under `minutes` (0: no limit), and epochs are
+    left."""
+    return state.get("epochs_done", 0) < EPOCHS and not train.time_is_up(minutes, state)
+
+
 def reopen_if_given_time(state, state_path, minutes, dependents=()):
     """A finished stage with room under `minutes` for another epoch as long as its last (and
     epochs left) is marked unfinished, on disk at once, so that it trains on and a kill now
     resumes it. Refused if `dependents` (prior states) learned its codes: training the first
     stage on would outdate them, and lose the best.keras they learned from."""
-    if not (state.get("finished") and state["epochs_done"] < EPOCHS
-            and not train.time_is_up(minutes, state)):
+    if not (state.get("finished") and room_to_train(state, minutes)):
         return
     used = state["elapsed_minutes"] + state["epoch_seconds"] / 60
     if dependents:
@@ -292,7 +297,7 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
                      keras.callbacks.CSVLogger(str(log), append="epochs_done" in state),
                      keras.callbacks.TerminateOnNaN(),
                      Checkpoints(out, state, prefix, monitor, kind is TwoLevelVQVAE, log=log)]
-        if not train.time_is_up(minutes, state) and state.get("epochs_done", 0) < EPOCHS:
+        if room_to_train(state, minutes):
             train.fit(model, *make_data(state.get("epochs_done", 0)), EPOCHS, state,
                       callbacks, loss, "learning rate")
         state["finished"] = True
