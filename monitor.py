@@ -17,6 +17,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -210,6 +211,34 @@ class WallClock(keras.callbacks.Callback):
             print(f"another epoch would pass the time limit of {self.limit / 60:g} min: "
                   f"stopping.", flush=True)
             self.model.stop_training = True
+
+
+class CosineOverTime(keras.callbacks.Callback):
+    """Anneals the learning rate over a time limit: before each batch it is set to
+
+        rate = base_rate * (1 + cos(pi * min(1, used / limit))) / 2
+
+    where `used` is the training time `clock` (the run's WallClock) has counted so far,
+    resumed parts included: a time-limited run ends near rate 0, on settled weights, wherever
+    the limit falls. Without a limit the rate stays base_rate. Logs the rate each epoch as
+    learning_rate; place it after `clock` and before the callbacks that write the logs."""
+
+    def __init__(self, clock, base_rate):
+        super().__init__()
+        self.clock, self.base_rate = clock, base_rate
+
+    def rate(self, used_seconds):
+        if not self.clock.limit:
+            return self.base_rate
+        share = min(1.0, used_seconds / self.clock.limit)
+        return self.base_rate * (1 + math.cos(math.pi * share)) / 2
+
+    def on_train_batch_begin(self, batch, logs=None):
+        used = self.clock.elapsed + time.time() - self.clock.started
+        self.model.optimizer.learning_rate = self.rate(used)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["learning_rate"] = float(self.model.optimizer.learning_rate)
 
 
 class Checkpoints(keras.callbacks.Callback):

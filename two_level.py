@@ -15,7 +15,8 @@ Both codebooks have K codes and train by EMA like modules.VectorQuantizer's.
         --val-dir ../shared/data/brain-slices/validate --out out/two_level
 
 trains the three stages one after the other, each to its time limit (--minutes, 40 25 25
-by default: 90 in all; a stage already finished in --out is loaded, one cut short resumes, and
+by default: 90 in all; by --schedule cosine its learning rate falls to 0 at that limit; a
+stage already finished in --out is loaded, one cut short resumes, and
 one given --minutes above those it used trains on),
 then draws --generate slices and measures them with predict.py's metrics into
 generate/generation_report.json, as `predict.py --generate` does for a one-level run.
@@ -40,8 +41,8 @@ import modules  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 from modules import PACKAGE, Decoder, Encoder, ResidualBlock, VectorQuantizer  # noqa: E402
-from monitor import (Checkpoints, WallClock, file_sha256, load_checkpoint,  # noqa: E402
-                     read_json, remove_leftovers, trim_log, write_json)
+from monitor import (Checkpoints, CosineOverTime, WallClock, file_sha256,  # noqa: E402
+                     load_checkpoint, read_json, remove_leftovers, trim_log, write_json)
 from prior import PixelCNNPrior  # noqa: E402
 
 
@@ -223,6 +224,11 @@ def build_parser():
     parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
                         metavar=("TOP", "BOTTOM"), help="dropout rate in each prior's gated "
                         "layers while it trains (as train.py's --prior-dropout; 0: none)")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help=f"each stage's learning rate ({LEARNING_RATE:g} at the start): "
+                             f"cosine anneals it to 0 over the stage's --minutes (a stage "
+                             f"without a limit keeps it constant); constant keeps it (the "
+                             f"runs before the schedule)")
     parser.add_argument("--generate", type=int, default=256,
                         help="slices to draw and measure (0: none, else at least 2)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -268,13 +274,14 @@ def reopen_if_given_time(state, state_path, minutes, dependents=()):
 
 
 def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=None,
-              more_time=False, dependents=()):
+              more_time=False, dependents=(), anneal=False):
     """Train one stage to its time limit, saving {prefix}last.keras, {prefix}best.keras (best
     validation SSIM for the autoencoder, bits per code for a prior) and {prefix}state.json each
     epoch (monitor.Checkpoints); a finished stage is only loaded, one cut short resumes (its
     log trimmed to the epochs saved). make_data(seed) -> (training, validation) batches,
     reshuffled per resumed part; with more_time (--minutes given), a finished one trains on if
-    its limit allows (reopen_if_given_time). A prior is `tied_to` the first stage's
+    its limit allows (reopen_if_given_time); with anneal, the learning rate follows
+    CosineOverTime. A prior is `tied_to` the first stage's
     best.keras: if that file changed, the run is refused. -> the stage's best model."""
     state_path = out / f"{prefix}state.json"
     state = read_json(state_path) if state_path.exists() else {}
@@ -292,8 +299,10 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
                          else ("val_bits_per_code", "bits_per_code"))
         log = out / f"{prefix}training_log.csv"
         trim_log(log, state.get("epochs_done", 0))  # an epoch logged but never saved
-        callbacks = [WallClock(EPOCHS, minutes, state.get("elapsed_minutes", 0.0) * 60,
-                               describe, name=prefix),
+        clock = WallClock(EPOCHS, minutes, state.get("elapsed_minutes", 0.0) * 60, describe,
+                          name=prefix)
+        schedule = [CosineOverTime(clock, LEARNING_RATE)] if anneal else []
+        callbacks = [clock, *schedule,
                      keras.callbacks.CSVLogger(str(log), append="epochs_done" in state),
                      keras.callbacks.TerminateOnNaN(),
                      Checkpoints(out, state, prefix, monitor, kind is TwoLevelVQVAE, log=log)]
@@ -306,23 +315,26 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
 
 
 EPOCHS = 1000  # each stage stops at its time limit
+LEARNING_RATE = 1e-3  # Adam's, every stage
 MINUTES = (40.0, 25.0, 25.0)  # the stages' limits: 90 minutes in all
-MODEL_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
-               "bottom_prior", "prior_dropout")
+KEPT_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
+              "bottom_prior", "prior_dropout", "schedule")  # a run's model and how it trains
+BEFORE_FLAG = {"schedule": "constant"}  # what runs recorded before a flag existed used
 
 
 def check_same_model(args, out):
-    """A run's model flags are kept in args.json; a later run in the same --out must agree."""
-    path, given = out / "args.json", {name: getattr(args, name) for name in MODEL_FLAGS}
+    """A run's KEPT_FLAGS are kept in args.json; a later run in the same --out must agree."""
+    path, given = out / "args.json", {name: getattr(args, name) for name in KEPT_FLAGS}
     if not path.exists():
         write_json(given, path)
     saved = read_json(path)
     default = build_parser().get_default  # for a flag newer than the run
-    changed = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS
-               if saved.get(name, default(name)) != given[name]]
+    kept = {name: saved.get(name, BEFORE_FLAG.get(name, default(name))) for name in KEPT_FLAGS}
+    changed = [f"--{name.replace('_', '-')} {' '.join(map(str, np.ravel(kept[name])))}"
+               for name in KEPT_FLAGS if kept[name] != given[name]]
     if changed:
-        sys.exit(f"error: {out} holds a run with other {', '.join(changed)} ({path}): use a new "
-                 f"--out, or the run's own settings.")
+        sys.exit(f"error: {out} holds a run with other settings ({path}): pass "
+                 f"{', '.join(changed)}, or use a new --out.")
 
 
 def code_datasets(codes, batch_size, seed):
@@ -344,7 +356,7 @@ def build_prior(size, grid, codebook_size, dropout, condition_grid=0):
                           layers=layers_, kernel_size=kernel, dropout=dropout,
                           condition_grid=condition_grid,
                           condition_codebook=codebook_size if condition_grid else 0)
-    prior.compile(optimizer=keras.optimizers.Adam(1e-3))
+    prior.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE))
     return prior
 
 
@@ -381,12 +393,12 @@ def run(args, out):
         variance = train.pixel_variance(paths["train"], args.train_dir, args)
         model = TwoLevelVQVAE(args.image_size, args.width, args.res_blocks, args.code_dim,
                               args.codebook_size, data_variance=variance, seed=args.seed)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE))
         return model
 
     vqvae = fit_stage(out, "", build_vqvae, images, args.minutes[0],
                       lambda logs: f"val SSIM {logs['val_ssim']:.4f}", TwoLevelVQVAE,
-                      more_time=args.minutes_given,
+                      more_time=args.minutes_given, anneal=args.schedule == "cosine",
                       dependents=sorted(out.glob("*_prior_state.json")))
     started = time.time()
     codes = {split: vqvae.encode_all(dataset.load_split(paths[split], args.image_size, 64))
@@ -399,7 +411,8 @@ def run(args, out):
     top_grid, bottom_grid = args.image_size // 8, args.image_size // 4
     top_codes = {split: (top, None) for split, (top, _) in codes.items()}
     both_codes = {split: (bottom, top) for split, (top, bottom) in codes.items()}
-    tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras", more_time=args.minutes_given)
+    tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras", more_time=args.minutes_given,
+               anneal=args.schedule == "cosine")
     top_prior = fit_stage(
         out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K, args.prior_dropout[0]),
         lambda seed: code_datasets(top_codes, args.prior_batch_size, args.seed + seed),

@@ -1,4 +1,5 @@
 import json
+import math
 
 import keras
 import pytest
@@ -41,6 +42,25 @@ def test_wall_clock_stops_before_an_epoch_would_pass_the_limit(capsys):
     clock.on_epoch_end(0, logs)
     assert model.stop_training and logs["elapsed_minutes"] == pytest.approx(56 / 60, abs=0.01)
     assert "prior epoch 1/10: fine, 6 s" in capsys.readouterr().out
+
+
+def test_cosine_over_time_anneals_the_rate_to_zero_at_the_time_limit():
+    model = tiny_model()
+    clock = monitor.WallClock(10, limit_minutes=1.0, elapsed_before=30.0)
+    schedule = monitor.CosineOverTime(clock, base_rate=1e-3)
+    for callback in (clock, schedule):
+        callback.set_model(model)
+    clock.on_epoch_begin(0)
+    schedule.on_train_batch_begin(0)  # 30 of 60 s used (an earlier part): half the rate
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-4, rel=0.01)
+    assert schedule.rate(15.0) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    clock.started -= 45.0  # 75 s used: past the limit, the rate stays at 0
+    schedule.on_train_batch_begin(1)
+    logs = {}
+    schedule.on_epoch_end(0, logs)
+    assert logs["learning_rate"] == float(model.optimizer.learning_rate) == 0.0
+    unlimited = monitor.CosineOverTime(monitor.WallClock(10, limit_minutes=0), base_rate=1e-3)
+    assert unlimited.rate(1e6) == 1e-3
 
 
 def test_save_atomically_leaves_the_old_file_when_writing_fails(tmp_path):

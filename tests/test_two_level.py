@@ -1,6 +1,7 @@
 """two_level.py: the two-level VQ-VAE, the packing that lets predict.py measure it, and the
 experiment end to end on a tiny folder of slices."""
 
+import csv
 import json
 
 import keras
@@ -72,10 +73,11 @@ def tiny_experiment(tmp_path):
 
 def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
     """Each stage trains for one epoch (its time limit), the samples are measured like
-    predict.py's, and a second call loads the finished stages instead of training again."""
+    predict.py's, and a second call loads the finished stages instead of training again. With
+    --schedule constant no stage logs a learning rate: no schedule ran."""
     out = tmp_path / "out"
     argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001",
-                                        "--generate", "4"]
+                                        "--schedule", "constant", "--generate", "4"]
     two_level.main(argv)
     for prefix in ("", "top_prior_", "bottom_prior_"):
         state = json.loads((out / f"{prefix}state.json").read_text())
@@ -87,6 +89,7 @@ def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
     assert set(report["metrics"]["frechet_distance"]) >= {"samples", "test_reconstructions"}
     assert len(list((out / "generate").glob("sample_*.png"))) == 4
     logs = {path.name: path.read_text() for path in out.glob("*training_log.csv")}
+    assert len(logs) == 3 and not any("learning_rate" in text for text in logs.values())
     two_level.main(argv[:-2] + ["--generate", "0"])
     assert logs == {path.name: path.read_text() for path in out.glob("*training_log.csv")}
 
@@ -122,17 +125,18 @@ def test_a_stage_cut_short_resumes_and_a_changed_model_is_refused(tmp_path):
     assert epochs == ["0", "1"]
     assert "123.456" not in log.read_text()
     wider = [("16" if flag == "--width" else value) for flag, value in zip([""] + argv, argv)]
-    with pytest.raises(SystemExit, match="other --width"):
+    with pytest.raises(SystemExit, match="pass --width 8,"):
         two_level.main(wider)
     make_model().save(out / "best.keras")  # a first stage the priors never saw
     with pytest.raises(SystemExit, match="changed after"):
         two_level.main(argv)
 
 
-def test_prior_dropout_is_built_and_kept(tmp_path, capsys):
-    """--prior-dropout TOP BOTTOM sets each prior's training dropout; it is a model flag, so a
-    later run in the same --out with another rate is refused, and a run recorded before the
-    flag existed counts as 0 0."""
+def test_prior_dropout_and_the_schedule_are_built_and_kept(tmp_path, capsys):
+    """--prior-dropout TOP BOTTOM sets each prior's training dropout, and --schedule each
+    stage's learning rate (cosine: annealed to ~0 by the time limit, logged per epoch); both
+    are kept flags, so a later run in the same --out with another value is refused, and a run
+    recorded before a flag existed counts as 0 0 and constant."""
     out, argv = tmp_path / "out", tiny_experiment(tmp_path) + ["--generate", "0", "--minutes",
                                                                "0.001", "0.001", "0.001"]
     two_level.main(argv + ["--prior-dropout", "0.25", "0"])
@@ -140,17 +144,22 @@ def test_prior_dropout_is_built_and_kept(tmp_path, capsys):
         out / f"{prefix}_prior_best.keras").blocks} for prefix in ("top", "bottom")}
     assert rates == {"top": {0.25}, "bottom": {0.0}}
     assert json.loads((out / "args.json").read_text())["prior_dropout"] == [0.25, 0.0]
-    with pytest.raises(SystemExit, match="other --prior-dropout"):
+    # one epoch of 2 batches: the second begins after the first step's tracing, past 0.06 s
+    for prefix in ("", "top_prior_", "bottom_prior_"):
+        with open(out / f"{prefix}training_log.csv") as log:
+            assert [float(row["learning_rate"]) for row in csv.DictReader(log)] == [0.0]
+    with pytest.raises(SystemExit, match=r"pass --prior-dropout 0.25 0.0, or"):
         two_level.main(argv + ["--prior-dropout", "0.1", "0"])
     with pytest.raises(SystemExit):
         two_level.parse_args(argv + ["--prior-dropout", "1", "0"])
     assert "--prior-dropout must be at least 0 and below 1" in capsys.readouterr().err
     args = json.loads((out / "args.json").read_text())
-    del args["prior_dropout"]
+    del args["prior_dropout"], args["schedule"]
     (out / "args.json").write_text(json.dumps(args))
-    with pytest.raises(SystemExit, match="other --prior-dropout"):
+    with pytest.raises(SystemExit, match="pass --prior-dropout 0.0 0.0, --schedule constant"):
         two_level.main(argv + ["--prior-dropout", "0.25", "0"])
-    two_level.main(argv)  # 0 0, as before the flag: accepted (its stages are loaded)
+    # as before the flags: accepted (its stages are loaded)
+    two_level.main(argv + ["--schedule", "constant"])
 
 
 def test_a_finished_stage_trains_on_only_when_given_more_minutes(tmp_path, monkeypatch):
