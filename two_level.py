@@ -37,6 +37,7 @@ import tensorflow as tf  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
 import dataset  # noqa: E402
+import metrics  # noqa: E402
 import modules  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
@@ -137,42 +138,92 @@ class TwoLevelVQVAE(modules.VQVAE):
             .numpy() for i in range(0, len(top_codes), batch_size)])
 
 
+def brain_styles(images):
+    """images (N, H, W, 1) in [0, 1] -> (N, 2) float: the mean and standard deviation of each
+    slice's brain pixels (above metrics.BRAIN_THRESHOLD; 0, 0 for a slice without any), its
+    brightness and contrast."""
+    styles = np.zeros((len(images), 2), np.float32)
+    for row, image in zip(styles, np.asarray(images)):
+        brain = image[image > metrics.BRAIN_THRESHOLD]
+        if brain.size:
+            row[:] = brain.mean(), brain.std()
+    return styles
+
+
+class StyleClasses:
+    """A slice's style: which of `bins` quantile bins of the training slices' brightness its
+    own falls in, and which of `bins` of their contrast (brain_styles): bins^2 classes, the
+    1x1 condition map of a styled top prior (--style-bins). Drawn code by code, an
+    unconditioned top prior mixes the brightness and contrast of many slices in each sample,
+    so its samples vary less between themselves than real slices do; drawing a style first
+    (from the training slices' frequencies), then a top map in that style, keeps each sample
+    in one."""
+
+    def __init__(self, train_styles, bins):
+        self.bins, self.count = bins, bins * bins
+        self.edges = np.quantile(train_styles, np.arange(1, bins) / bins, axis=0)  # (bins-1, 2)
+        counts = np.bincount(self(train_styles), minlength=self.count)
+        self.frequencies = counts / counts.sum()
+
+    def __call__(self, styles):
+        """brain_styles (N, 2) -> style classes (N,) int32 in [0, bins^2)."""
+        brightness, contrast = (np.searchsorted(self.edges[:, i], styles[:, i], side="right")
+                                for i in (0, 1))
+        return (brightness * self.bins + contrast).astype(np.int32)
+
+    def draw(self, count, rng):
+        """`count` style classes (count,) int32 drawn with the training slices' frequencies."""
+        return rng.choice(self.count, count, p=self.frequencies).astype(np.int32)
+
+
 class TwoLevelGenerator:
     """Both levels' code maps packed into one (N, h_top * w_top + h_bottom * w_bottom) array
     per slice (top first), so that predict.generation_metrics measures a two-level model as it
     does a one-level one: it plays both the VQ-VAE (encode_all, decode_all, codebook_size,
     and `levels`, the packed columns of each level, which the metrics' baselines and shuffled
     codes treat one level at a time) and the prior (bits_per_code: the mean over every code of
-    both levels)."""
+    both levels). With `styles` (StyleClasses; the top prior then conditioned on them), each
+    slice's style class is packed last, in a column of no level: it is a condition, not a
+    code, so it is neither shuffled nor scored."""
 
-    def __init__(self, vqvae, top_prior, bottom_prior):
+    def __init__(self, vqvae, top_prior, bottom_prior, styles=None):
         self.vqvae, self.top_prior, self.bottom_prior = vqvae, top_prior, bottom_prior
+        self.styles = styles
+        if (styles is None) == top_prior.conditional:
+            raise ValueError("a top prior conditioned on style classes needs their StyleClasses, "
+                             "an unconditioned one takes none")
         self.codebook_size = vqvae.codebook_size
         self.top_shape = (top_prior.grid_size,) * 2
         self.bottom_shape = (bottom_prior.grid_size,) * 2
         split = int(np.prod(self.top_shape))
         self.levels = (slice(0, split), slice(split, split + int(np.prod(self.bottom_shape))))
 
-    def pack(self, top_codes, bottom_codes):
+    def pack(self, top_codes, bottom_codes, style=None):
         count = len(top_codes)
-        return np.concatenate([np.reshape(top_codes, (count, -1)),
-                               np.reshape(bottom_codes, (count, -1))], axis=1)
+        columns = [np.reshape(top_codes, (count, -1)), np.reshape(bottom_codes, (count, -1))]
+        if self.styles is not None:
+            columns.append(np.reshape(style, (count, 1)))
+        return np.concatenate(columns, axis=1)
 
     def unpack(self, packed):
-        packed, split = np.asarray(packed), int(np.prod(self.top_shape))
-        return (packed[:, :split].reshape(-1, *self.top_shape),
-                packed[:, split:].reshape(-1, *self.bottom_shape))
+        """-> (top codes, bottom codes, style conditions (N, 1, 1) or None)."""
+        packed, (top, bottom) = np.asarray(packed), self.levels
+        style = packed[:, -1].reshape(-1, 1, 1) if self.styles is not None else None
+        return (packed[:, top].reshape(-1, *self.top_shape),
+                packed[:, bottom].reshape(-1, *self.bottom_shape), style)
 
     def encode_all(self, batches):
-        return self.pack(*self.vqvae.encode_all(batches))
+        batches = [np.asarray(batch) for batch in batches]
+        styles = self.styles(brain_styles(np.concatenate(batches))) if self.styles is not None else None
+        return self.pack(*self.vqvae.encode_all(batches), styles)
 
     def decode_all(self, packed, batch_size=32):
-        return self.vqvae.decode_all(*self.unpack(packed), batch_size)
+        return self.vqvae.decode_all(*self.unpack(packed)[:2], batch_size)
 
     def level_bits(self, packed):
         """Packed code maps -> (bits per top code, bits per bottom code) under the priors."""
-        top, bottom = self.unpack(packed)
-        return (float(self.top_prior.bits_per_code(top)),
+        top, bottom, style = self.unpack(packed)
+        return (float(self.top_prior.bits_per_code(top, style)),
                 float(self.bottom_prior.bits_per_code(bottom, top)))
 
     def bits_per_code(self, packed):
@@ -181,15 +232,22 @@ class TwoLevelGenerator:
         return (top_bits * top_count + bottom_bits * bottom_count) / (top_count + bottom_count)
 
     def sampler(self, count, temperature=1.0, seed=None):
-        """A function that draws `count` packed code maps per call: the top prior's maps, then
-        the bottom prior's conditioned on them (both samplers traced here, once)."""
+        """A function that draws `count` packed code maps per call: style classes if styled,
+        the top prior's maps (in those styles), then the bottom prior's conditioned on them
+        (both samplers traced here, once)."""
         draw_top = self.top_prior.sampler(count, temperature, seed)
         draw_bottom = self.bottom_prior.sampler(count, temperature,
                                                 None if seed is None else seed + 1)
+        rng = np.random.default_rng(seed)
 
         def draw():
-            top = draw_top()
-            return self.pack(top.numpy(), draw_bottom(top).numpy())
+            style = None
+            if self.styles is not None:
+                style = self.styles.draw(count, rng)
+                top = draw_top(tf.constant(style.reshape(-1, 1, 1)))
+            else:
+                top = draw_top()
+            return self.pack(top.numpy(), draw_bottom(top).numpy(), style)
 
         return draw
 
@@ -224,6 +282,11 @@ def build_parser():
     parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
                         metavar=("TOP", "BOTTOM"), help="dropout rate in each prior's gated "
                         "layers while it trains (as train.py's --prior-dropout; 0: none)")
+    parser.add_argument("--style-bins", type=int, default=STYLE_BINS,
+                        help="condition the top prior on each slice's style: which of N "
+                             "quantile bins of brightness and N of contrast its brain falls "
+                             "in (N^2 classes, drawn with their training frequencies before "
+                             "each sample; 0: none, the runs before the flag)")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help=f"each stage's learning rate ({LEARNING_RATE:g} at the start): "
                              f"cosine anneals it to 0 over the stage's --minutes (a stage "
@@ -243,6 +306,8 @@ def parse_args(argv=None):
                                                                          MINUTES)
     if not all(0 <= rate < 1 for rate in args.prior_dropout):
         parser.error(f"--prior-dropout must be at least 0 and below 1, got {args.prior_dropout}")
+    if args.style_bins < 0:
+        parser.error(f"--style-bins must be 0 (none) or more, got {args.style_bins}")
     if args.generate == 1 or args.generate < 0:
         parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
     return args
@@ -317,9 +382,11 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
 EPOCHS = 1000  # each stage stops at its time limit
 LEARNING_RATE = 1e-3  # Adam's, every stage
 MINUTES = (40.0, 25.0, 25.0)  # the stages' limits: 90 minutes in all
+STYLE_BINS = 0  # of brightness and of contrast: the top prior's STYLE_BINS^2 style classes
 KEPT_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
-              "bottom_prior", "prior_dropout", "schedule")  # a run's model and how it trains
-BEFORE_FLAG = {"schedule": "constant"}  # what runs recorded before a flag existed used
+              "bottom_prior", "prior_dropout", "schedule",
+              "style_bins")  # a run's model and how it trains
+BEFORE_FLAG = {"schedule": "constant", "style_bins": 0}  # what runs recorded before a flag existed used
 
 
 def check_same_model(args, out):
@@ -349,13 +416,13 @@ def code_datasets(codes, batch_size, seed):
     return batches("train", True).prefetch(tf.data.AUTOTUNE), batches("validate", False)
 
 
-def build_prior(size, grid, codebook_size, dropout, condition_grid=0):
-    """A fresh top prior, or with a condition_grid a bottom prior conditioned on the top."""
+def build_prior(size, grid, codebook_size, dropout, condition=(0, 0)):
+    """A fresh prior, conditioned on maps of condition = (grid, codebook size): the bottom
+    prior on the top map's codes, a styled top prior on a 1x1 map of style classes."""
     width, layers_, kernel = size
     prior = PixelCNNPrior(grid_size=grid, codebook_size=codebook_size, width=width,
                           layers=layers_, kernel_size=kernel, dropout=dropout,
-                          condition_grid=condition_grid,
-                          condition_codebook=codebook_size if condition_grid else 0)
+                          condition_grid=condition[0], condition_codebook=condition[1])
     prior.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE))
     return prior
 
@@ -401,30 +468,40 @@ def run(args, out):
                       more_time=args.minutes_given, anneal=args.schedule == "cosine",
                       dependents=sorted(out.glob("*_prior_state.json")))
     started = time.time()
-    codes = {split: vqvae.encode_all(dataset.load_split(paths[split], args.image_size, 64))
-             for split in ("train", "validate")}
+    styles = {split: [] for split in ("train", "validate")}
+
+    def noting_styles(split):  # each batch's brain_styles, as the batch goes by to be encoded
+        for batch in dataset.load_split(paths[split], args.image_size, 64):
+            styles[split].append(brain_styles(batch.numpy()))
+            yield batch
+
+    codes = {split: vqvae.encode_all(noting_styles(split)) for split in styles}
+    styles = {split: np.concatenate(rows) for split, rows in styles.items()}
+    classes = StyleClasses(styles["train"], args.style_bins) if args.style_bins else None
     K = vqvae.codebook_size
     print(f"encoded both splits in {time.time() - started:.0f} s; validation code usage: "
           + ", ".join(f"{level} {len(np.unique(maps)) / K:.0%}" for level, maps
                       in zip(("top", "bottom"), codes["validate"])), flush=True)
     bits = lambda logs: f"val bits/code {logs['val_bits_per_code']:.3f}"  # noqa: E731
     top_grid, bottom_grid = args.image_size // 8, args.image_size // 4
-    top_codes = {split: (top, None) for split, (top, _) in codes.items()}
+    top_codes = {split: (top, classes(styles[split])[:, None, None] if classes else None)
+                 for split, (top, _) in codes.items()}
     both_codes = {split: (bottom, top) for split, (top, bottom) in codes.items()}
     tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras", more_time=args.minutes_given,
                anneal=args.schedule == "cosine")
     top_prior = fit_stage(
-        out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K, args.prior_dropout[0]),
+        out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K, args.prior_dropout[0],
+                                               (1, classes.count) if classes else (0, 0)),
         lambda seed: code_datasets(top_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[1], bits, **tie)
     bottom_prior = fit_stage(
         out, "bottom_prior_",
         lambda: build_prior(args.bottom_prior, bottom_grid, K, args.prior_dropout[1],
-                            top_grid),
+                            (top_grid, K)),
         lambda seed: code_datasets(both_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[2], bits, **tie)
     if args.generate:
-        generate(args, out, TwoLevelGenerator(vqvae, top_prior, bottom_prior), paths)
+        generate(args, out, TwoLevelGenerator(vqvae, top_prior, bottom_prior, classes), paths)
 
 
 def generate(args, out, generator, paths):

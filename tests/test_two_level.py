@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+import metrics
 import two_level
 from conftest import write_slices
 from prior import PixelCNNPrior
@@ -196,3 +197,84 @@ def test_a_finished_stage_trains_on_only_when_given_more_minutes(tmp_path, monke
         two_level.main(argv + minutes)
     assert (out / "best.keras").read_bytes() == best
     assert json.loads(first_path.read_text())["epochs_done"] == first["epochs_done"]
+
+
+def test_brain_styles_and_style_classes():
+    """brain_styles: the mean and standard deviation of the pixels above the brain threshold
+    (0, 0 for a black slice); StyleClasses: quantile bins of the training styles, so each bin
+    of brightness (and of contrast) holds a quarter of the training slices, brighter slices
+    land in higher brightness bins, and draws follow the training frequencies."""
+    image = np.zeros((1, 8, 8, 1), np.float32)
+    image[0, :2, :2] = [[[0.2], [0.4]], [[0.6], [0.8]]]
+    styles = two_level.brain_styles(np.concatenate([image, np.zeros_like(image)]))
+    np.testing.assert_allclose(styles, [[0.5, np.std([0.2, 0.4, 0.6, 0.8])], [0, 0]], atol=1e-6)
+    rng = np.random.default_rng(0)
+    train_styles = rng.uniform(0, 1, (400, 2))
+    classes = two_level.StyleClasses(train_styles, 4)
+    train_classes = classes(train_styles)
+    assert classes.count == 16 and train_classes.min() >= 0 and train_classes.max() < 16
+    np.testing.assert_array_equal(np.bincount(train_classes // 4), [100] * 4)  # brightness
+    np.testing.assert_array_equal(np.bincount(train_classes % 4), [100] * 4)  # contrast
+    assert list(classes(np.array([[0.01, 0.99], [0.99, 0.01]]))) == [3, 12]
+    tied = np.repeat(rng.uniform(0, 1, (400, 1)), 2, axis=1)  # contrast rises with brightness
+    drawn = two_level.StyleClasses(tied, 4).draw(4000, np.random.default_rng(1))
+    assert set(drawn) == {0, 5, 10, 15}  # the only classes training has: the diagonal
+    assert all(abs(np.mean(drawn == c) - 0.25) < 0.03 for c in (0, 5, 10, 15))
+
+
+def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it():
+    """With StyleClasses the style is packed last, outside both levels (so shuffling codes
+    keeps it), the top map's bits depend on it, samples carry drawn styles, and a top prior
+    and StyleClasses come together or not at all."""
+    model = make_model()
+    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3,
+                              condition_grid=1, condition_codebook=4)
+    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
+                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    classes = two_level.StyleClasses(np.random.default_rng(0).uniform(0, 1, (40, 2)), 2)
+    generator = two_level.TwoLevelGenerator(model, top_prior, bottom_prior, classes)
+    rng = np.random.default_rng(1)
+    top, bottom = rng.integers(0, 16, (3, 4, 4)), rng.integers(0, 16, (3, 8, 8))
+    packed = generator.pack(top, bottom, np.array([0, 1, 3]))
+    assert packed.shape == (3, 16 + 64 + 1) and list(packed[:, -1]) == [0, 1, 3]
+    for given, back in zip((top, bottom, [[[0]], [[1]], [[3]]]), generator.unpack(packed)):
+        np.testing.assert_array_equal(given, back)
+    shuffled = metrics.shuffle_codes(packed, np.random.default_rng(2), generator.levels)
+    np.testing.assert_array_equal(shuffled[:, -1], packed[:, -1])
+    restyled = generator.pack(top, bottom, np.array([2, 2, 2]))
+    assert generator.level_bits(packed)[0] != generator.level_bits(restyled)[0]
+    assert generator.level_bits(packed)[1] == generator.level_bits(restyled)[1]
+    drawn = generator.sampler(5, seed=0)()
+    assert drawn.shape == (5, 81) and set(drawn[:, -1]) <= set(range(4))
+    images = model.decode_all(top, bottom)
+    encoded = generator.encode_all([images[:2], images[2:]])
+    np.testing.assert_array_equal(encoded[:, -1], classes(two_level.brain_styles(images)))
+    with pytest.raises(ValueError, match="StyleClasses"):
+        two_level.TwoLevelGenerator(model, top_prior, bottom_prior)
+    unstyled = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3)
+    with pytest.raises(ValueError, match="StyleClasses"):
+        two_level.TwoLevelGenerator(model, unstyled, bottom_prior, classes)
+
+
+def test_style_bins_train_a_styled_top_prior_and_are_kept(tmp_path, capsys):
+    """--style-bins 2: the top prior is conditioned on 4 style classes (a 1x1 map), the
+    samples are measured, the flag is kept (a later run with another value is refused, a run
+    recorded before the flag counts as 0), and a negative value is an error."""
+    out = tmp_path / "out"
+    argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001"]
+    two_level.main(argv + ["--style-bins", "2", "--generate", "4"])
+    top_prior = keras.saving.load_model(out / "top_prior_best.keras")
+    assert top_prior.hparams["condition_grid"] == 1
+    assert top_prior.hparams["condition_codebook"] == 4
+    report = json.loads((out / "generate" / "generation_report.json").read_text())
+    assert report["samples"] == 4 and 0 < report["bits_per_test_code_by_level"]["top"] < 8
+    with pytest.raises(SystemExit, match="pass --style-bins 2,"):
+        two_level.main(argv + ["--generate", "0"])
+    args = json.loads((out / "args.json").read_text())
+    del args["style_bins"]
+    (out / "args.json").write_text(json.dumps(args))
+    with pytest.raises(SystemExit, match="pass --style-bins 0,"):
+        two_level.main(argv + ["--style-bins", "2", "--generate", "0"])
+    with pytest.raises(SystemExit):
+        two_level.parse_args(argv + ["--style-bins", "-1"])
+    assert "--style-bins must be 0 (none) or more" in capsys.readouterr().err
