@@ -10,8 +10,8 @@ second prior conditioned on the top map. Shapes for 256 x 256 slices, W channels
 
 The top code carries the layout, the bottom one the detail the top decoder cannot predict.
 Both codebooks have K codes and train by EMA like modules.VectorQuantizer's. The top prior
-draws a style class first (--style-bins: each slice's brain brightness, contrast and CSF
-share, binned; StyleClasses), so that each sample keeps one style throughout.
+draws a style class first (--style-bins: each slice's brain brightness and contrast,
+binned; StyleClasses), so that each sample keeps one style throughout.
 
     python two_level.py --train-dir ../shared/data/brain-slices/train \\
         --val-dir ../shared/data/brain-slices/validate --out out/two_level
@@ -141,27 +141,23 @@ class TwoLevelVQVAE(modules.VQVAE):
 
 
 def brain_styles(images):
-    """images (N, H, W, 1) in [0, 1] -> (N, 3) float: the mean and standard deviation of each
-    slice's brain pixels (above metrics.BRAIN_THRESHOLD), its brightness and contrast, and the
-    share of them darker than CSF_LEVEL, its CSF (ventricles and sulci: atrophy); 0, 0, 0 for a
-    slice without any."""
-    styles = np.zeros((len(images), 3), np.float32)
+    """images (N, H, W, 1) in [0, 1] -> (N, 2) float: the mean and standard deviation of each
+    slice's brain pixels (above metrics.BRAIN_THRESHOLD; 0, 0 for a slice without any), its
+    brightness and contrast. (A third measure, the share of CSF below 0.2, was tried and
+    dropped: its samples were less varied, README "Why the samples are less varied".)"""
+    styles = np.zeros((len(images), 2), np.float32)
     for row, image in zip(styles, np.asarray(images)):
         brain = image[image > metrics.BRAIN_THRESHOLD]
         if brain.size:
-            row[:] = brain.mean(), brain.std(), np.mean(brain < CSF_LEVEL)
+            row[:] = brain.mean(), brain.std()
     return styles
-
-
-CSF_LEVEL = metrics.INTENSITY_BINS[1]  # 0.2: the metrics' band of dark CSF
 
 
 class StyleClasses:
     """A slice's style: which of `bins` quantile bins of the training slices it falls in for
-    each of the S measures of brain_styles (brightness, contrast, CSF share): bins^S classes,
-    the 1x1 condition map of a styled top prior (--style-bins). Drawn code by code, an
-    unconditioned top prior mixes the brightness, contrast and atrophy of many slices in each
-    sample, so its samples vary less between themselves than real slices do; drawing a style
+    each of the S measures of brain_styles (brightness, contrast): bins^S classes, the 1x1
+    condition map of a styled top prior (--style-bins). Drawn code by code, an unconditioned
+    top prior mixes the brightness and contrast of many slices in each sample, so its samples vary less between themselves than real slices do; drawing a style
     first (from the training slices' frequencies), then a top map in that style, keeps each
     sample in one."""
 
@@ -292,10 +288,9 @@ def build_parser():
                         "layers while it trains (as train.py's --prior-dropout; 0: none)")
     parser.add_argument("--style-bins", type=int, default=STYLE_BINS,
                         help="condition the top prior on each slice's style: which of N "
-                             "quantile bins of brightness, N of contrast and N of CSF share "
-                             "its brain falls in (N^3 classes, drawn with their training "
-                             "frequencies before each sample; 0: none, as the runs before "
-                             "the flag)")
+                             "quantile bins of brightness and N of contrast its brain falls "
+                             "in (N^2 classes, drawn with their training frequencies before "
+                             "each sample; 0: none, as the runs before the flag)")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help=f"each stage's learning rate ({LEARNING_RATE:g} at the start): "
                              f"cosine anneals it to 0 over the stage's --minutes (a stage "
@@ -391,7 +386,7 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
 EPOCHS = 1000  # each stage stops at its time limit
 LEARNING_RATE = 1e-3  # Adam's, every stage
 MINUTES = (40.0, 30.0, 20.0)  # the stages' limits: 90 minutes in all
-STYLE_BINS = 4  # of each style measure: the top prior's STYLE_BINS^3 style classes
+STYLE_BINS = 4  # of each style measure: the top prior's STYLE_BINS^2 style classes
 KEPT_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
               "bottom_prior", "prior_dropout", "schedule",
               "style_bins")  # a run's model and how it trains

@@ -201,14 +201,13 @@ def test_a_finished_stage_trains_on_only_when_given_more_minutes(tmp_path, monke
 
 def test_brain_styles_and_style_classes():
     """brain_styles: the mean and standard deviation of the pixels above the brain threshold
-    and the share of them below the CSF level (0, 0, 0 for a black slice); StyleClasses: quantile bins of the training styles, so each bin
+    (0, 0 for a black slice); StyleClasses: quantile bins of the training styles, so each bin
     of brightness (and of contrast) holds a quarter of the training slices, brighter slices
     land in higher brightness bins, and draws follow the training frequencies."""
     image = np.zeros((1, 8, 8, 1), np.float32)
-    image[0, :2, :2] = [[[0.1], [0.4]], [[0.6], [0.8]]]  # 0.1: CSF, below 0.2
+    image[0, :2, :2] = [[[0.04], [0.4]], [[0.6], [0.8]]]  # 0.04: background, not brain
     styles = two_level.brain_styles(np.concatenate([image, np.zeros_like(image)]))
-    np.testing.assert_allclose(styles, [[0.475, np.std([0.1, 0.4, 0.6, 0.8]), 0.25], [0, 0, 0]],
-                               atol=1e-6)
+    np.testing.assert_allclose(styles, [[0.6, np.std([0.4, 0.6, 0.8])], [0, 0]], atol=1e-6)
     rng = np.random.default_rng(0)
     train_styles = rng.uniform(0, 1, (400, 2))
     classes = two_level.StyleClasses(train_styles, 4)
@@ -231,16 +230,16 @@ def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it()
     and StyleClasses come together or not at all."""
     model = make_model()
     top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3,
-                              condition_grid=1, condition_codebook=8)
+                              condition_grid=1, condition_codebook=4)
     bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
                                  kernel_size=3, condition_grid=4, condition_codebook=16)
-    classes = two_level.StyleClasses(np.random.default_rng(0).uniform(0, 1, (40, 3)), 2)
+    classes = two_level.StyleClasses(np.random.default_rng(0).uniform(0, 1, (40, 2)), 2)
     generator = two_level.TwoLevelGenerator(model, top_prior, bottom_prior, classes)
     rng = np.random.default_rng(1)
     top, bottom = rng.integers(0, 16, (3, 4, 4)), rng.integers(0, 16, (3, 8, 8))
-    packed = generator.pack(top, bottom, np.array([0, 1, 7]))
-    assert packed.shape == (3, 16 + 64 + 1) and list(packed[:, -1]) == [0, 1, 7]
-    for given, back in zip((top, bottom, [[[0]], [[1]], [[7]]]), generator.unpack(packed)):
+    packed = generator.pack(top, bottom, np.array([0, 1, 3]))
+    assert packed.shape == (3, 16 + 64 + 1) and list(packed[:, -1]) == [0, 1, 3]
+    for given, back in zip((top, bottom, [[[0]], [[1]], [[3]]]), generator.unpack(packed)):
         np.testing.assert_array_equal(given, back)
     shuffled = metrics.shuffle_codes(packed, np.random.default_rng(2), generator.levels)
     np.testing.assert_array_equal(shuffled[:, -1], packed[:, -1])
@@ -248,7 +247,7 @@ def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it()
     assert generator.level_bits(packed)[0] != generator.level_bits(restyled)[0]
     assert generator.level_bits(packed)[1] == generator.level_bits(restyled)[1]
     drawn = generator.sampler(5, seed=0)()
-    assert drawn.shape == (5, 81) and set(drawn[:, -1]) <= set(range(8))
+    assert drawn.shape == (5, 81) and set(drawn[:, -1]) <= set(range(4))
     images = model.decode_all(top, bottom)
     encoded = generator.encode_all([images[:2], images[2:]])
     np.testing.assert_array_equal(encoded[:, -1], classes(two_level.brain_styles(images)))
@@ -260,7 +259,7 @@ def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it()
 
 
 def test_style_bins_train_a_styled_top_prior_and_are_kept(tmp_path, capsys):
-    """--style-bins 2: the top prior is conditioned on 8 style classes (a 1x1 map), the
+    """--style-bins 2: the top prior is conditioned on 4 style classes (a 1x1 map), the
     samples are measured, the flag is kept (a later run with another value is refused, a run
     recorded before the flag counts as 0), and a negative value is an error."""
     out = tmp_path / "out"
@@ -268,7 +267,7 @@ def test_style_bins_train_a_styled_top_prior_and_are_kept(tmp_path, capsys):
     two_level.main(argv + ["--style-bins", "2", "--generate", "4"])
     top_prior = keras.saving.load_model(out / "top_prior_best.keras")
     assert top_prior.hparams["condition_grid"] == 1
-    assert top_prior.hparams["condition_codebook"] == 8
+    assert top_prior.hparams["condition_codebook"] == 4
     report = json.loads((out / "generate" / "generation_report.json").read_text())
     assert report["samples"] == 4 and 0 < report["bits_per_test_code_by_level"]["top"] < 8
     with pytest.raises(SystemExit, match="pass --style-bins 2,"):
