@@ -204,13 +204,25 @@ def standardised_brains(images):
     return out
 
 
+def brain_styles(images):
+    """images (N, H, W, 1) in [0, 1] -> (N, 2) float: the mean and standard deviation of each
+    slice's brain pixels (above BRAIN_THRESHOLD; 0, 0 for a slice without any), its
+    brightness and contrast."""
+    styles = np.zeros((len(images), 2), np.float32)
+    for row, image in zip(styles, np.asarray(images)):
+        brain = image[image > BRAIN_THRESHOLD]
+        if brain.size:
+            row[:] = brain.mean(), brain.std()
+    return styles
+
+
 def brain_intensity(images):
     """Mean intensity inside the brain (pixels above BRAIN_THRESHOLD), averaged over images
     (N, H, W, 1) that have any (0.0 if none has): a slice with less dark CSF, or brighter
     tissue, scores higher."""
-    means = [image[image > BRAIN_THRESHOLD].mean() for image in images
-             if (image > BRAIN_THRESHOLD).any()]
-    return float(np.mean(means)) if means else 0.0
+    has_brain = (np.asarray(images) > BRAIN_THRESHOLD).any(axis=(1, 2, 3))
+    means = brain_styles(images)[has_brain, 0]
+    return float(means.mean()) if len(means) else 0.0
 
 
 INTENSITY_BINS = (BRAIN_THRESHOLD, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)  # the first: dark CSF

@@ -140,26 +140,15 @@ class TwoLevelVQVAE(modules.VQVAE):
             .numpy() for i in range(0, len(top_codes), batch_size)])
 
 
-def brain_styles(images):
-    """images (N, H, W, 1) in [0, 1] -> (N, 2) float: the mean and standard deviation of each
-    slice's brain pixels (above metrics.BRAIN_THRESHOLD; 0, 0 for a slice without any), its
-    brightness and contrast. (A third measure, the share of CSF below 0.2, was tried and
-    dropped: its samples were less varied, README "Why the samples are less varied".)"""
-    styles = np.zeros((len(images), 2), np.float32)
-    for row, image in zip(styles, np.asarray(images)):
-        brain = image[image > metrics.BRAIN_THRESHOLD]
-        if brain.size:
-            row[:] = brain.mean(), brain.std()
-    return styles
-
-
 class StyleClasses:
     """A slice's style: which of `bins` quantile bins of the training slices it falls in for
-    each of the S measures of brain_styles (brightness, contrast): bins^S classes, the 1x1
-    condition map of a styled top prior (--style-bins). Drawn code by code, an unconditioned
-    top prior mixes the brightness and contrast of many slices in each sample, so its samples vary less between themselves than real slices do; drawing a style
-    first (from the training slices' frequencies), then a top map in that style, keeps each
-    sample in one."""
+    each of the S measures of metrics.brain_styles (brightness, contrast): bins^S classes, the
+    1x1 condition map of a styled top prior (--style-bins). Drawn code by code, an
+    unconditioned top prior mixes the brightness and contrast of many slices in each sample,
+    so its samples vary less between themselves than real slices do; drawing a style first
+    (from the training slices' frequencies), then a top map in that style, keeps each sample
+    in one. (A third measure, the share of CSF below 0.2, was tried and dropped: its samples
+    were less varied, README "Why the samples are less varied".)"""
 
     def __init__(self, train_styles, bins):
         self.bins, self.count = bins, bins ** train_styles.shape[1]
@@ -217,9 +206,10 @@ class TwoLevelGenerator:
                 packed[:, bottom].reshape(-1, *self.bottom_shape), style)
 
     def encode_all(self, batches):
-        batches = [np.asarray(batch) for batch in batches]
-        styles = self.styles(brain_styles(np.concatenate(batches))) if self.styles is not None else None
-        return self.pack(*self.vqvae.encode_all(batches), styles)
+        batches, style = [np.asarray(batch) for batch in batches], None
+        if self.styles is not None:
+            style = self.styles(metrics.brain_styles(np.concatenate(batches)))
+        return self.pack(*self.vqvae.encode_all(batches), style)
 
     def decode_all(self, packed, batch_size=32):
         return self.vqvae.decode_all(*self.unpack(packed)[:2], batch_size)
@@ -390,7 +380,7 @@ STYLE_BINS = 4  # of each style measure: the top prior's STYLE_BINS^2 style clas
 KEPT_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
               "bottom_prior", "prior_dropout", "schedule",
               "style_bins")  # a run's model and how it trains
-BEFORE_FLAG = {"schedule": "constant", "style_bins": 0}  # what runs recorded before a flag existed used
+BEFORE_FLAG = {"schedule": "constant", "style_bins": 0}  # what runs before a flag existed used
 
 
 def check_same_model(args, out):
@@ -476,7 +466,7 @@ def run(args, out):
 
     def noting_styles(split):  # each batch's brain_styles, as the batch goes by to be encoded
         for batch in dataset.load_split(paths[split], args.image_size, 64):
-            styles[split].append(brain_styles(batch.numpy()))
+            styles[split].append(metrics.brain_styles(batch.numpy()))
             yield batch
 
     codes = {split: vqvae.encode_all(noting_styles(split)) for split in styles}

@@ -39,6 +39,15 @@ def test_frechet_distance_matches_the_scipy_formula():
     assert shifted_term == pytest.approx(5 * 0.3**2) and abs(shifted_trace) < 1e-9
 
 
+def test_brain_styles_are_each_slice_brain_mean_and_standard_deviation():
+    """brain_styles: the mean and standard deviation of the pixels above the brain threshold
+    (0, 0 for a black slice)."""
+    image = np.zeros((1, 8, 8, 1), np.float32)
+    image[0, :2, :2] = [[[0.04], [0.4]], [[0.6], [0.8]]]  # 0.04: background, not brain
+    styles = metrics.brain_styles(np.concatenate([image, np.zeros_like(image)]))
+    np.testing.assert_allclose(styles, [[0.6, np.std([0.4, 0.6, 0.8])], [0, 0]], atol=1e-6)
+
+
 def test_brain_intensity_averages_the_brain_pixels_and_ignores_background_and_blanks():
     slices = np.zeros((3, 8, 8, 1), np.float32)
     slices[0, 2:6, 2:6] = 0.5                          # a brain of 0.5 on a black background
