@@ -63,7 +63,7 @@ def position_unigram_bits(train_codes, test_codes, codebook_size,
 
 def shuffle_codes(codes, rng, levels):
     """Each code map's codes in random places (the right code frequencies, no structure), a
-    packed map's (two_level.py) each level among its own `levels` columns."""
+    packed map's (vqvae2.TwoLevelGenerator) each level among its own `levels` columns."""
     flat = codes.reshape(len(codes), -1).copy()
     for row in flat:
         for level in levels:

@@ -329,7 +329,7 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // args.batch_size)))
     train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // args.batch_size)))
     other_codes = test_codes[picks[1::2]]
-    levels = getattr(vqvae, "levels", (slice(None),))  # two_level.py packs 2 maps per slice
+    levels = getattr(vqvae, "levels", (slice(None),))  # vqvae2.py packs 2 maps per slice
     shuffled = metrics.shuffle_codes(other_codes, np.random.default_rng(args.seed), levels)
     reconstructions = vqvae.decode_all(other_codes)
     compared = {"samples": samples, "real_test_other_half": other,

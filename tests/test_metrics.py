@@ -172,9 +172,9 @@ def test_standardised_brains_take_out_brightness_and_contrast_but_keep_the_anato
 
 
 def test_shuffled_codes_and_baselines_keep_the_levels_of_a_packed_map_apart():
-    """A packed two-level map (two_level.py): each level's codes are shuffled among its own
-    columns, and a baseline is taken per level and averaged over all codes; with one level
-    both are the plain whole-map versions."""
+    """A packed two-level map (vqvae2.TwoLevelGenerator): each level's codes are shuffled
+    among its own columns, and a baseline is taken per level and averaged over all codes;
+    with one level both are the plain whole-map versions."""
     rng = np.random.default_rng(0)
     top, bottom = rng.integers(0, 4, (6, 4)), rng.integers(4, 8, (6, 12))
     packed = np.concatenate([top, bottom], axis=1)
