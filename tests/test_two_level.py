@@ -171,3 +171,27 @@ def test_style_bins_train_a_styled_top_prior_and_are_kept(tmp_path, capsys):
     with pytest.raises(SystemExit):
         two_level.parse_args(argv + ["--style-bins", "-1"])
     assert "--style-bins must be 0 (none) or more" in capsys.readouterr().err
+
+
+def test_layout_classes_condition_the_top_prior_and_are_kept(tmp_path, capsys):
+    """--layout-classes 2 with --style-bins 2: the top prior is conditioned on 4 x 2 classes,
+    the samples are measured, a later run with another value is refused (a run recorded
+    before the flag counts as 0), and a negative value is an error."""
+    out = tmp_path / "out"
+    argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001",
+                                        "--style-bins", "2"]
+    two_level.main(argv + ["--layout-classes", "2", "--generate", "4"])
+    top_prior = keras.saving.load_model(out / "top_prior_best.keras")
+    assert top_prior.hparams["condition_codebook"] == 8
+    report = json.loads((out / "generate" / "generation_report.json").read_text())
+    assert report["style_classes"] == 8 and report["samples"] == 4
+    with pytest.raises(SystemExit, match="pass --layout-classes 2"):
+        two_level.main(argv + ["--generate", "0"])
+    args = json.loads((out / "args.json").read_text())
+    del args["layout_classes"]
+    (out / "args.json").write_text(json.dumps(args))
+    with pytest.raises(SystemExit, match="pass --layout-classes 0"):
+        two_level.main(argv + ["--layout-classes", "2", "--generate", "0"])
+    with pytest.raises(SystemExit):
+        two_level.parse_args(argv + ["--layout-classes", "-1"])
+    assert "--layout-classes must be 0 (none) or more" in capsys.readouterr().err

@@ -82,6 +82,50 @@ def test_style_classes():
     assert all(abs(np.mean(drawn == c) - 0.25) < 0.03 for c in (0, 5, 10, 15))
 
 
+def test_kmeans_finds_separated_clusters_the_same_way_each_time():
+    """kmeans: three well-separated blobs give one centre each (their means), the same
+    centres from the same seed (a resumed run must find its classes again), and too few
+    points for the clusters is an error."""
+    rng = np.random.default_rng(0)
+    means = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    points = np.concatenate([rng.normal(mean, 0.2, (60, 2)) for mean in means])
+    centres = vqvae2.kmeans(points, 3, seed=1)
+    order = np.argsort([vqvae2.nearest_centre(means[i:i + 1], centres)[0] for i in range(3)])
+    np.testing.assert_allclose(centres[np.argsort(order)], [points[i * 60:(i + 1) * 60]
+                               .mean(axis=0) for i in range(3)], atol=1e-9)
+    np.testing.assert_array_equal(vqvae2.kmeans(points, 3, seed=1), centres)
+    np.testing.assert_array_equal(vqvae2.nearest_centre(points, centres),
+                                  np.repeat(vqvae2.nearest_centre(means, centres), 60))
+    with pytest.raises(ValueError, match="at least as many training slices"):
+        vqvae2.kmeans(points[:2], 3)
+
+
+def test_layout_classes_cross_the_style_bins_with_the_nearest_cluster():
+    """StyleClasses with `layouts`: the style's bins, then the nearest layout cluster, as
+    the digits of one class (style bins x clusters classes; clusters alone without bins),
+    drawn with the training frequencies, and of_images measures both from the images."""
+    rng = np.random.default_rng(0)
+    styles = rng.uniform(0, 1, (300, 2))
+    layouts = np.concatenate([rng.normal(mean, 0.1, (100, 3)) for mean in (0, 3, 6)])
+    classes = vqvae2.StyleClasses(styles, 2, layouts, 3)
+    train_classes = classes(styles, layouts)
+    layout_of = vqvae2.nearest_centre(layouts, classes.centres)
+    assert classes.count == 12
+    np.testing.assert_array_equal(train_classes % 3, layout_of)
+    np.testing.assert_array_equal(train_classes // 3, vqvae2.StyleClasses(styles, 2)(styles))
+    assert sorted(np.bincount(layout_of)) == [100] * 3  # each blob its own cluster
+    np.testing.assert_allclose(classes.frequencies, np.bincount(train_classes, minlength=12)
+                               / 300)
+    alone = vqvae2.StyleClasses(styles, 0, layouts, 3)
+    assert alone.count == 3
+    np.testing.assert_array_equal(alone(styles, layouts), layout_of)
+    images = rng.uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
+    images[2:] *= 0.5  # darker slices: a different style
+    measured = vqvae2.StyleClasses(metrics.brain_styles(images), 2, metrics.brain_layouts(images), 2)
+    np.testing.assert_array_equal(measured.of_images(images), measured(
+        metrics.brain_styles(images), metrics.brain_layouts(images)))
+
+
 def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it():
     """With StyleClasses the style is packed last, outside both levels (so shuffling codes
     keeps it), the top map's bits depend on it, samples carry drawn styles, and a top prior
