@@ -9,7 +9,8 @@ trains the three stages one after the other, each to its time limit (--minutes, 
 by default: 90 in all; by --schedule cosine its learning rate falls to 0 at that limit; a
 stage already finished in --out is loaded, one cut short resumes, and
 one given --minutes above those it used trains on),
-then draws --generate slices and measures them with predict.py's metrics into
+then draws --generate slices (the top maps cooler than the bottom: --temperature) and
+measures them with predict.py's metrics into
 generate/generation_report.json, as `predict.py --generate` does for a one-level run.
 """
 
@@ -71,12 +72,6 @@ def build_parser():
                              "quantile bins of brightness and N of contrast its brain falls "
                              "in (N^2 classes, drawn with their training frequencies before "
                              "each sample; 0: none, as the runs before the flag)")
-    parser.add_argument("--layout-classes", type=int, default=LAYOUT_CLASSES,
-                        help="condition the top prior also on each slice's layout: which of "
-                             "L clusters (k-means over the training slices' standardised "
-                             "16x16 thumbnails: where ventricles, sulci and tissue lie) it is "
-                             "nearest, crossed with the style classes (0: none, as the runs "
-                             "before the flag)")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help=f"each stage's learning rate ({LEARNING_RATE:g} at the start): "
                              f"cosine anneals it to 0 over the stage's --minutes (a stage "
@@ -84,7 +79,10 @@ def build_parser():
                              f"runs before the schedule)")
     parser.add_argument("--generate", type=int, default=256,
                         help="slices to draw and measure (0: none, else at least 2)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, nargs="+", default=list(TEMPERATURES),
+                        metavar="T", help="the priors' sampling temperatures: TOP BOTTOM, or "
+                        "one for both; a cooler top prior draws more varied, more real slices "
+                        "(README, \"A cooler top prior\")")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -98,8 +96,11 @@ def parse_args(argv=None):
         parser.error(f"--prior-dropout must be at least 0 and below 1, got {args.prior_dropout}")
     if args.style_bins < 0:
         parser.error(f"--style-bins must be 0 (none) or more, got {args.style_bins}")
-    if args.layout_classes < 0:
-        parser.error(f"--layout-classes must be 0 (none) or more, got {args.layout_classes}")
+    if len(args.temperature) == 1:
+        args.temperature *= 2
+    if len(args.temperature) != 2 or not all(0 < t < 100 for t in args.temperature):
+        parser.error(f"--temperature takes one or two (TOP BOTTOM) positive numbers below 100, "
+                     f"got {' '.join(map(str, args.temperature))}")
     if args.generate == 1 or args.generate < 0:
         parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
     return args
@@ -175,12 +176,11 @@ EPOCHS = 1000  # each stage stops at its time limit
 LEARNING_RATE = 1e-3  # Adam's, every stage
 MINUTES = (40.0, 30.0, 20.0)  # the stages' limits: 90 minutes in all
 STYLE_BINS = 4  # of each style measure: the top prior's STYLE_BINS^2 style classes
-LAYOUT_CLASSES = 0  # layout clusters, each crossed with the style classes
+TEMPERATURES = (0.7, 1.0)  # the top prior's and the bottom prior's, when sampling
 KEPT_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
               "bottom_prior", "prior_dropout", "schedule",
-              "style_bins", "layout_classes")  # a run's model and how it trains
-BEFORE_FLAG = {"schedule": "constant", "style_bins": 0,
-               "layout_classes": 0}  # what runs before a flag existed used
+              "style_bins")  # a run's model and how it trains
+BEFORE_FLAG = {"schedule": "constant", "style_bins": 0}  # what runs before a flag existed used
 
 
 def check_same_model(args, out):
@@ -263,29 +263,22 @@ def run(args, out):
                       dependents=sorted(out.glob("*_prior_state.json")))
     started = time.time()
     styles = {split: [] for split in ("train", "validate")}
-    layouts = {split: [] for split in styles}
 
-    def noting_styles(split):  # each batch's brain_styles (and layouts), as it goes by
+    def noting_styles(split):  # each batch's brain_styles, as the batch goes by to be encoded
         for batch in dataset.load_split(paths[split], args.image_size, 64):
             styles[split].append(metrics.brain_styles(batch.numpy()))
-            if args.layout_classes:
-                layouts[split].append(metrics.brain_layouts(batch.numpy()))
             yield batch
 
     codes = {split: vqvae.encode_all(noting_styles(split)) for split in styles}
     styles = {split: np.concatenate(rows) for split, rows in styles.items()}
-    layouts = {split: np.concatenate(rows) if rows else None for split, rows in layouts.items()}
-    classes = (StyleClasses(styles["train"], args.style_bins, layouts["train"],
-                            args.layout_classes, args.seed)
-               if args.style_bins or args.layout_classes else None)
+    classes = StyleClasses(styles["train"], args.style_bins) if args.style_bins else None
     K = vqvae.codebook_size
     print(f"encoded both splits in {time.time() - started:.0f} s; validation code usage: "
           + ", ".join(f"{level} {len(np.unique(maps)) / K:.0%}" for level, maps
                       in zip(("top", "bottom"), codes["validate"])), flush=True)
     bits = lambda logs: f"val bits/code {logs['val_bits_per_code']:.3f}"  # noqa: E731
     top_grid, bottom_grid = args.image_size // 8, args.image_size // 4
-    top_codes = {split: (top, classes(styles[split], layouts[split])[:, None, None]
-                         if classes else None)
+    top_codes = {split: (top, classes(styles[split])[:, None, None] if classes else None)
                  for split, (top, _) in codes.items()}
     both_codes = {split: (bottom, top) for split, (top, bottom) in codes.items()}
     tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras", more_time=args.minutes_given,
@@ -310,14 +303,16 @@ def generate(args, out, generator, paths):
     out = out / "generate"
     out.mkdir(exist_ok=True)
     started = time.perf_counter()
-    draw = generator.sampler(args.generate, args.temperature, args.seed)
+    top_temperature, bottom_temperature = args.temperature
+    draw = generator.sampler(args.generate, bottom_temperature, args.seed, top_temperature)
     traced = time.perf_counter()
     samples = generator.decode_all(draw())
     seconds = time.perf_counter() - traced
     predict.save_samples(out, samples)
     print(f"generated {len(samples)} slices in {seconds:.1f} s: "
           f"{len(samples) / seconds:.2f} images/s", flush=True)
-    report = {"samples": len(samples), "temperature": args.temperature, "seed": args.seed,
+    report = {"samples": len(samples), "seed": args.seed,
+              "temperature": {"top": top_temperature, "bottom": bottom_temperature},
               "code_maps": [list(generator.top_shape), list(generator.bottom_shape)],
               "style_classes": generator.styles.count if generator.styles is not None else 0,
               "trace_seconds": traced - started, "seconds": seconds,

@@ -118,80 +118,32 @@ class TwoLevelVQVAE(modules.VQVAE):
 
 
 class StyleClasses:
-    """A slice's style class, the 1x1 condition map of a styled top prior: which of `bins`
-    quantile bins of the training slices it falls in for each of the S measures of
-    metrics.brain_styles (brightness, contrast; --style-bins), and, with `layouts` L > 0,
-    which of L layout clusters (k-means over the training slices' metrics.brain_layouts;
-    --layout-classes) it is nearest: bins^S * L classes (a measure left out counts as one).
-    Drawn code by code, an unconditioned top prior mixes the brightness and contrast of many
-    slices in each sample, so its samples vary less between themselves than real slices do;
-    drawing a class first (from the training slices' frequencies), then a top map in that
-    class, keeps each sample in one. (A third measure, the share of CSF below 0.2, was tried
-    and dropped: its samples were less varied, README "Why the samples are less varied".)"""
+    """A slice's style: which of `bins` quantile bins of the training slices it falls in for
+    each of the S measures of metrics.brain_styles (brightness, contrast): bins^S classes, the
+    1x1 condition map of a styled top prior (--style-bins). Drawn code by code, an
+    unconditioned top prior mixes the brightness and contrast of many slices in each sample,
+    so its samples vary less between themselves than real slices do; drawing a style first
+    (from the training slices' frequencies), then a top map in that style, keeps each sample
+    in one. (A third measure, the share of CSF below 0.2, was tried and dropped: its samples
+    were less varied, README "Why the samples are less varied".)"""
 
-    def __init__(self, train_styles, bins, train_layouts=None, layouts=0, seed=0):
-        self.bins, self.layouts = bins, layouts
-        self.count = (bins ** train_styles.shape[1] if bins else 1) * max(layouts, 1)
-        if bins:
-            self.edges = np.quantile(train_styles, np.arange(1, bins) / bins,
-                                     axis=0)  # (bins-1, S)
-        if layouts:
-            self.centres = kmeans(train_layouts, layouts, seed)  # (L, size * size)
-        counts = np.bincount(self(train_styles, train_layouts), minlength=self.count)
+    def __init__(self, train_styles, bins):
+        self.bins, self.count = bins, bins ** train_styles.shape[1]
+        self.edges = np.quantile(train_styles, np.arange(1, bins) / bins, axis=0)  # (bins-1, S)
+        counts = np.bincount(self(train_styles), minlength=self.count)
         self.frequencies = counts / counts.sum()
 
-    def __call__(self, styles, layouts=None):
-        """brain_styles (N, S) [, brain_layouts (N, P) if layout clusters] -> classes (N,)
-        int32 in [0, count): each measure's bin index, then the nearest cluster's, as the
-        digits of a mixed-radix number, the first measure's the most significant."""
+    def __call__(self, styles):
+        """brain_styles (N, S) -> style classes (N,) int32 in [0, bins^S): the bins' indices
+        as the digits of a base-`bins` number, the first measure's the most significant."""
         classes = np.zeros(len(styles), np.int64)
-        for measure, edges in enumerate(self.edges.T if self.bins else []):
+        for measure, edges in enumerate(self.edges.T):
             classes = classes * self.bins + np.searchsorted(edges, styles[:, measure], "right")
-        if self.layouts:
-            classes = classes * self.layouts + nearest_centre(layouts, self.centres)
         return classes.astype(np.int32)
-
-    def of_images(self, images):
-        """images (N, H, W, 1) in [0, 1] -> their classes (N,) int32."""
-        return self(metrics.brain_styles(images),
-                    metrics.brain_layouts(images) if self.layouts else None)
 
     def draw(self, count, rng):
         """`count` style classes (count,) int32 drawn with the training slices' frequencies."""
         return rng.choice(self.count, count, p=self.frequencies).astype(np.int32)
-
-
-def nearest_centre(points, centres):
-    """points (N, P), centres (L, P) -> the index of each point's nearest centre (N,)."""
-    return squared_distances(points, centres).argmin(axis=1)
-
-
-def squared_distances(points, centres):
-    """(N, P), (L, P) -> (N, L), as |p|^2 - 2 p.c + |c|^2 (no (N, L, P) array)."""
-    return ((points ** 2).sum(1)[:, None] - 2 * points @ centres.T
-            + (centres ** 2).sum(1)[None])
-
-
-def kmeans(points, clusters, seed=0, iterations=50):
-    """Lloyd's k-means of points (N, P) from k-means++ seeds (fixed `seed`, so a resumed
-    run finds the same clusters) -> centres (clusters, P) float64."""
-    points, rng = np.asarray(points, np.float64), np.random.default_rng(seed)
-    if len(points) < clusters:
-        raise ValueError(f"{clusters} layout clusters need at least as many training slices, "
-                         f"got {len(points)}")
-    centres = points[[rng.integers(len(points))]]
-    while len(centres) < clusters:  # each next seed drawn by its squared distance
-        gaps = np.maximum(squared_distances(points, centres).min(axis=1), 0)
-        odds = gaps / gaps.sum() if gaps.sum() > 0 else None  # None: all alike, any will do
-        centres = np.vstack([centres, points[rng.choice(len(points), p=odds)]])
-    for _ in range(iterations):
-        nearest = nearest_centre(points, centres)
-        moved = np.stack([points[nearest == c].mean(axis=0) if np.any(nearest == c)
-                          else centres[c] for c in range(clusters)])
-        if np.allclose(moved, centres):
-            break
-        centres = moved
-    return centres
 
 
 class TwoLevelGenerator:
@@ -233,7 +185,7 @@ class TwoLevelGenerator:
     def encode_all(self, batches):
         batches, style = [np.asarray(batch) for batch in batches], None
         if self.styles is not None:
-            style = self.styles.of_images(np.concatenate(batches))
+            style = self.styles(metrics.brain_styles(np.concatenate(batches)))
         return self.pack(*self.vqvae.encode_all(batches), style)
 
     def decode_all(self, packed, batch_size=32):
@@ -250,11 +202,13 @@ class TwoLevelGenerator:
         top_count, bottom_count = np.prod(self.top_shape), np.prod(self.bottom_shape)
         return (top_bits * top_count + bottom_bits * bottom_count) / (top_count + bottom_count)
 
-    def sampler(self, count, temperature=1.0, seed=None):
+    def sampler(self, count, temperature=1.0, seed=None, top_temperature=None):
         """A function that draws `count` packed code maps per call: style classes if styled,
-        the top prior's maps (in those styles), then the bottom prior's conditioned on them
-        (both samplers traced here, once)."""
-        draw_top = self.top_prior.sampler(count, temperature, seed)
+        the top prior's maps (in those styles) at `top_temperature` (default: `temperature`),
+        then the bottom prior's conditioned on them at `temperature` (both samplers traced
+        here, once)."""
+        top_temperature = temperature if top_temperature is None else top_temperature
+        draw_top = self.top_prior.sampler(count, top_temperature, seed)
         draw_bottom = self.bottom_prior.sampler(count, temperature,
                                                 None if seed is None else seed + 1)
         rng = np.random.default_rng(seed)

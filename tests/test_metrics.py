@@ -48,26 +48,6 @@ def test_brain_styles_are_each_slice_brain_mean_and_standard_deviation():
     np.testing.assert_allclose(styles, [[0.6, np.std([0.4, 0.6, 0.8])], [0, 0]], atol=1e-6)
 
 
-def test_brain_layouts_are_thumbnails_of_the_standardised_brain():
-    """brain_layouts: size x size area averages of standardised_brains, so a slice made
-    brighter and more contrasted has the same layout, and one with its dark region moved does
-    not."""
-    rng = np.random.default_rng(0)
-    image = np.zeros((1, 32, 32, 1), np.float32)
-    image[0, 4:28, 4:28] = rng.uniform(0.3, 0.6, (24, 24, 1))
-    image[0, 8:12, 8:12] = 0.1  # a dark ventricle
-    layouts = metrics.brain_layouts(image, size=4)
-    assert layouts.shape == (1, 16)
-    np.testing.assert_allclose(layouts, metrics.thumbnails(metrics.standardised_brains(image),
-                                                           4).numpy(), atol=1e-6)
-    brighter = np.where(image > metrics.BRAIN_THRESHOLD, 1.5 * image - 0.05, 0)
-    np.testing.assert_allclose(metrics.brain_layouts(brighter, 4), layouts, atol=1e-5)
-    moved = image.copy()
-    moved[0, 8:12, 8:12] = moved[0, 20:24, 20:24]
-    moved[0, 20:24, 20:24] = 0.1
-    assert np.abs(metrics.brain_layouts(moved, 4) - layouts).max() > 0.05
-
-
 def test_brain_intensity_averages_the_brain_pixels_and_ignores_background_and_blanks():
     slices = np.zeros((3, 8, 8, 1), np.float32)
     slices[0, 2:6, 2:6] = 0.5                          # a brain of 0.5 on a black background

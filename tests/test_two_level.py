@@ -34,6 +34,7 @@ def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
         assert state["epochs_done"] == 1 and state["finished"]
     report = json.loads((out / "generate" / "generation_report.json").read_text())
     assert report["samples"] == 4 and report["code_maps"] == [[4, 4], [8, 8]]
+    assert report["temperature"] == {"top": 0.7, "bottom": 1.0}  # the defaults
     levels = report["bits_per_test_code_by_level"]
     assert 0 < levels["top"] < 8 and 0 < levels["bottom"] < 8  # log2 16 = 4 plus an untrained
     assert set(report["metrics"]["frechet_distance"]) >= {"samples", "test_reconstructions"}
@@ -173,25 +174,14 @@ def test_style_bins_train_a_styled_top_prior_and_are_kept(tmp_path, capsys):
     assert "--style-bins must be 0 (none) or more" in capsys.readouterr().err
 
 
-def test_layout_classes_condition_the_top_prior_and_are_kept(tmp_path, capsys):
-    """--layout-classes 2 with --style-bins 2: the top prior is conditioned on 4 x 2 classes,
-    the samples are measured, a later run with another value is refused (a run recorded
-    before the flag counts as 0), and a negative value is an error."""
-    out = tmp_path / "out"
-    argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001",
-                                        "--style-bins", "2"]
-    two_level.main(argv + ["--layout-classes", "2", "--generate", "4"])
-    top_prior = keras.saving.load_model(out / "top_prior_best.keras")
-    assert top_prior.hparams["condition_codebook"] == 8
-    report = json.loads((out / "generate" / "generation_report.json").read_text())
-    assert report["style_classes"] == 8 and report["samples"] == 4
-    with pytest.raises(SystemExit, match="pass --layout-classes 2"):
-        two_level.main(argv + ["--generate", "0"])
-    args = json.loads((out / "args.json").read_text())
-    del args["layout_classes"]
-    (out / "args.json").write_text(json.dumps(args))
-    with pytest.raises(SystemExit, match="pass --layout-classes 0"):
-        two_level.main(argv + ["--layout-classes", "2", "--generate", "0"])
-    with pytest.raises(SystemExit):
-        two_level.parse_args(argv + ["--layout-classes", "-1"])
-    assert "--layout-classes must be 0 (none) or more" in capsys.readouterr().err
+def test_temperature_takes_one_for_both_priors_or_one_each(tmp_path, capsys):
+    """--temperature T sets both priors', --temperature TOP BOTTOM each; none gives the
+    defaults (a cooler top prior); three values, or one not above 0, is an error."""
+    argv = tiny_experiment(tmp_path)
+    assert two_level.parse_args(argv).temperature == [0.7, 1.0]
+    assert two_level.parse_args(argv + ["--temperature", "0.9"]).temperature == [0.9, 0.9]
+    assert two_level.parse_args(argv + ["--temperature", "0.8", "1.1"]).temperature == [0.8, 1.1]
+    for bad in (["0.7", "1", "1"], ["0"], ["0.7", "-1"]):
+        with pytest.raises(SystemExit):
+            two_level.parse_args(argv + ["--temperature", *bad])
+        assert "--temperature takes one or two" in capsys.readouterr().err

@@ -62,6 +62,24 @@ def test_the_generator_packs_both_levels_and_scores_every_code():
     assert drawn.shape == (2, 80) and drawn.min() >= 0 and drawn.max() < 16
 
 
+def test_the_top_map_has_its_own_temperature():
+    """sampler(..., top_temperature): the top prior draws at it, the bottom prior at
+    `temperature` (the same maps as each prior's own sampler with those seeds draws, and not
+    those of the other temperature); without it both share `temperature`."""
+    model = make_model()
+    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3)
+    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
+                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    generator = vqvae2.TwoLevelGenerator(model, top_prior, bottom_prior)
+    top, bottom, _ = generator.unpack(generator.sampler(8, 1.5, 3, top_temperature=0.3)())
+    np.testing.assert_array_equal(top, top_prior.sampler(8, 0.3, 3)().numpy())
+    assert (top != top_prior.sampler(8, 1.5, 3)().numpy()).any()
+    np.testing.assert_array_equal(bottom, bottom_prior.sampler(8, 1.5, 4)(top).numpy())
+    assert (bottom != bottom_prior.sampler(8, 0.3, 4)(top).numpy()).any()
+    np.testing.assert_array_equal(generator.sampler(8, 1.5, 3, top_temperature=1.5)(),
+                                  generator.sampler(8, 1.5, 3)())
+
+
 def test_style_classes():
     """StyleClasses: quantile bins of the training styles, so each bin of brightness (and of
     contrast) holds a quarter of the training slices, brighter slices land in higher
@@ -80,50 +98,6 @@ def test_style_classes():
     drawn = vqvae2.StyleClasses(tied, 4).draw(4000, np.random.default_rng(1))
     assert set(drawn) == {0, 5, 10, 15}  # the only classes training has: the diagonal
     assert all(abs(np.mean(drawn == c) - 0.25) < 0.03 for c in (0, 5, 10, 15))
-
-
-def test_kmeans_finds_separated_clusters_the_same_way_each_time():
-    """kmeans: three well-separated blobs give one centre each (their means), the same
-    centres from the same seed (a resumed run must find its classes again), and too few
-    points for the clusters is an error."""
-    rng = np.random.default_rng(0)
-    means = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
-    points = np.concatenate([rng.normal(mean, 0.2, (60, 2)) for mean in means])
-    centres = vqvae2.kmeans(points, 3, seed=1)
-    order = np.argsort([vqvae2.nearest_centre(means[i:i + 1], centres)[0] for i in range(3)])
-    np.testing.assert_allclose(centres[np.argsort(order)], [points[i * 60:(i + 1) * 60]
-                               .mean(axis=0) for i in range(3)], atol=1e-9)
-    np.testing.assert_array_equal(vqvae2.kmeans(points, 3, seed=1), centres)
-    np.testing.assert_array_equal(vqvae2.nearest_centre(points, centres),
-                                  np.repeat(vqvae2.nearest_centre(means, centres), 60))
-    with pytest.raises(ValueError, match="at least as many training slices"):
-        vqvae2.kmeans(points[:2], 3)
-
-
-def test_layout_classes_cross_the_style_bins_with_the_nearest_cluster():
-    """StyleClasses with `layouts`: the style's bins, then the nearest layout cluster, as
-    the digits of one class (style bins x clusters classes; clusters alone without bins),
-    drawn with the training frequencies, and of_images measures both from the images."""
-    rng = np.random.default_rng(0)
-    styles = rng.uniform(0, 1, (300, 2))
-    layouts = np.concatenate([rng.normal(mean, 0.1, (100, 3)) for mean in (0, 3, 6)])
-    classes = vqvae2.StyleClasses(styles, 2, layouts, 3)
-    train_classes = classes(styles, layouts)
-    layout_of = vqvae2.nearest_centre(layouts, classes.centres)
-    assert classes.count == 12
-    np.testing.assert_array_equal(train_classes % 3, layout_of)
-    np.testing.assert_array_equal(train_classes // 3, vqvae2.StyleClasses(styles, 2)(styles))
-    assert sorted(np.bincount(layout_of)) == [100] * 3  # each blob its own cluster
-    np.testing.assert_allclose(classes.frequencies, np.bincount(train_classes, minlength=12)
-                               / 300)
-    alone = vqvae2.StyleClasses(styles, 0, layouts, 3)
-    assert alone.count == 3
-    np.testing.assert_array_equal(alone(styles, layouts), layout_of)
-    images = rng.uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
-    images[2:] *= 0.5  # darker slices: a different style
-    measured = vqvae2.StyleClasses(metrics.brain_styles(images), 2, metrics.brain_layouts(images), 2)
-    np.testing.assert_array_equal(measured.of_images(images), measured(
-        metrics.brain_styles(images), metrics.brain_layouts(images)))
 
 
 def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it():
