@@ -216,14 +216,6 @@ def brain_styles(images):
     return styles
 
 
-def brain_layouts(images, size=16):
-    """images (N, H, W, 1) in [0, 1] -> (N, size * size) float: each slice's standardised
-    brain (standardised_brains: its brightness and contrast taken out) averaged down to
-    size x size, its layout (where the ventricles, sulci and tissue lie), for
-    vqvae2.StyleClasses' layout clusters."""
-    return thumbnails(standardised_brains(images), size).numpy()
-
-
 def brain_intensity(images):
     """Mean intensity inside the brain (pixels above BRAIN_THRESHOLD), averaged over images
     (N, H, W, 1) that have any (0.0 if none has): a slice with less dark CSF, or brighter

@@ -96,11 +96,10 @@ def parse_args(argv=None):
         parser.error(f"--prior-dropout must be at least 0 and below 1, got {args.prior_dropout}")
     if args.style_bins < 0:
         parser.error(f"--style-bins must be 0 (none) or more, got {args.style_bins}")
-    if len(args.temperature) == 1:
-        args.temperature *= 2
-    if len(args.temperature) != 2 or not all(0 < t < 100 for t in args.temperature):
+    if len(args.temperature) > 2 or not all(0 < t < 100 for t in args.temperature):
         parser.error(f"--temperature takes one or two (TOP BOTTOM) positive numbers below 100, "
                      f"got {' '.join(map(str, args.temperature))}")
+    args.temperature = [args.temperature[0], args.temperature[-1]]  # one value: both priors
     if args.generate == 1 or args.generate < 0:
         parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
     return args

@@ -8,6 +8,7 @@ import keras
 import pytest
 
 import two_level
+import vqvae2
 from conftest import write_slices
 from vqvae2 import TwoLevelVQVAE
 
@@ -21,14 +22,19 @@ def tiny_experiment(tmp_path):
             "--top-prior", "8", "2", "3", "--bottom-prior", "8", "2", "3"]
 
 
-def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path):
+def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path, monkeypatch):
     """Each stage trains for one epoch (its time limit), the samples are measured like
-    predict.py's, and a second call loads the finished stages instead of training again. With
-    --schedule constant no stage logs a learning rate: no schedule ran."""
+    predict.py's (drawn at the default temperatures: the bottom prior's, then the top's), and
+    a second call loads the finished stages instead of training again. With --schedule
+    constant no stage logs a learning rate: no schedule ran."""
     out = tmp_path / "out"
     argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001",
                                         "--schedule", "constant", "--generate", "4"]
+    calls, sampler = [], vqvae2.TwoLevelGenerator.sampler
+    monkeypatch.setattr(vqvae2.TwoLevelGenerator, "sampler",
+                        lambda self, *args: calls.append(args) or sampler(self, *args))
     two_level.main(argv)
+    assert calls == [(4, 1.0, 0, 0.7)]  # count, bottom temperature, seed, top temperature
     for prefix in ("", "top_prior_", "bottom_prior_"):
         state = json.loads((out / f"{prefix}state.json").read_text())
         assert state["epochs_done"] == 1 and state["finished"]
@@ -184,4 +190,5 @@ def test_temperature_takes_one_for_both_priors_or_one_each(tmp_path, capsys):
     for bad in (["0.7", "1", "1"], ["0"], ["0.7", "-1"]):
         with pytest.raises(SystemExit):
             two_level.parse_args(argv + ["--temperature", *bad])
-        assert "--temperature takes one or two" in capsys.readouterr().err
+        assert f"--temperature takes one or two (TOP BOTTOM) positive numbers below 100, got " \
+               f"{' '.join(str(float(value)) for value in bad)}" in capsys.readouterr().err
