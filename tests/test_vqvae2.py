@@ -19,6 +19,17 @@ def make_model():
     return vqvae2.TwoLevelVQVAE(image_size=32, width=8, code_dim=4, codebook_size=16, seed=0)
 
 
+def make_priors(style_classes=0):
+    """Tiny priors for make_model's 4x4 top and 8x8 bottom maps: (top prior, conditioned on a
+    1x1 map of `style_classes` classes if any; bottom prior, conditioned on the top map)."""
+    styled = dict(condition_grid=1, condition_codebook=style_classes) if style_classes else {}
+    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3,
+                              **styled)
+    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
+                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    return top_prior, bottom_prior
+
+
 def test_two_level_codes_have_both_grids_and_decode_to_the_reconstructions(tmp_path):
     """Encoding gives a top map at 1/8 and a bottom map at 1/4 of the image; decoding them
     gives what the model reconstructs; training steps run and the model loads as saved."""
@@ -42,9 +53,7 @@ def test_the_generator_packs_both_levels_and_scores_every_code():
     """Packing and unpacking are inverse; the bits per code are the mean over all codes of
     both levels (the top map's 16 and the bottom map's 64); decode_all decodes packed maps."""
     model = make_model()
-    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3)
-    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
-                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    top_prior, bottom_prior = make_priors()
     generator = vqvae2.TwoLevelGenerator(model, top_prior, bottom_prior)
     rng = np.random.default_rng(1)
     top, bottom = rng.integers(0, 16, (3, 4, 4)), rng.integers(0, 16, (3, 8, 8))
@@ -67,9 +76,7 @@ def test_the_top_map_has_its_own_temperature():
     `temperature` (the same maps as each prior's own sampler with those seeds draws, and not
     those of the other temperature); without it both share `temperature`."""
     model = make_model()
-    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3)
-    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
-                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    top_prior, bottom_prior = make_priors()
     generator = vqvae2.TwoLevelGenerator(model, top_prior, bottom_prior)
     top, bottom, _ = generator.unpack(generator.sampler(8, 1.5, 3, top_temperature=0.3)())
     np.testing.assert_array_equal(top, top_prior.sampler(8, 0.3, 3)().numpy())
@@ -105,10 +112,7 @@ def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it()
     keeps it), the top map's bits depend on it, samples carry drawn styles, and a top prior
     and StyleClasses come together or not at all."""
     model = make_model()
-    top_prior = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3,
-                              condition_grid=1, condition_codebook=4)
-    bottom_prior = PixelCNNPrior(grid_size=8, codebook_size=16, width=8, layers=2,
-                                 kernel_size=3, condition_grid=4, condition_codebook=16)
+    top_prior, bottom_prior = make_priors(style_classes=4)
     classes = vqvae2.StyleClasses(np.random.default_rng(0).uniform(0, 1, (40, 2)), 2)
     generator = vqvae2.TwoLevelGenerator(model, top_prior, bottom_prior, classes)
     rng = np.random.default_rng(1)
@@ -129,7 +133,7 @@ def test_a_styled_generator_packs_the_style_and_conditions_the_top_prior_on_it()
     np.testing.assert_array_equal(encoded[:, -1], classes(metrics.brain_styles(images)))
     with pytest.raises(ValueError, match="StyleClasses"):
         vqvae2.TwoLevelGenerator(model, top_prior, bottom_prior)
-    unstyled = PixelCNNPrior(grid_size=4, codebook_size=16, width=8, layers=2, kernel_size=3)
+    unstyled = make_priors()[0]
     with pytest.raises(ValueError, match="StyleClasses"):
         vqvae2.TwoLevelGenerator(model, unstyled, bottom_prior, classes)
 
