@@ -60,10 +60,13 @@ def build_parser():
     parser.add_argument("--prior-batch-size", type=int, default=8)
     parser.add_argument("--top-prior", type=int, nargs=3, default=[64, 8, 5],
                         metavar=("WIDTH", "LAYERS", "KERNEL"), help="the top prior's size")
-    parser.add_argument("--bottom-prior", type=int, nargs=3, default=[32, 6, 3],
+    parser.add_argument("--bottom-prior", type=int, nargs=3, default=[32, 8, 5],
                         metavar=("WIDTH", "LAYERS", "KERNEL"),
                         help="the bottom prior's size: 4x the positions of the top map, so "
-                             "smaller, and it knows the layout from the top map")
+                             "narrower; it knows the layout from the top map, and its samples "
+                             "vary more the further it sees (here 17 rows up: README, \"a "
+                             "bottom prior that sees further\"; runs before 2026-11-29 used "
+                             "32 6 3, 7 rows)")
     parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
                         metavar=("TOP", "BOTTOM"), help="dropout rate in each prior's gated "
                         "layers while it trains (as train.py's --prior-dropout; 0: none)")

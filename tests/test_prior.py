@@ -38,6 +38,25 @@ def test_prior_logits_depend_on_exactly_the_earlier_codes(kernel):
             assert np.all(effect[~later] == 0), f"some logits see the later code {(i, j)}"
 
 
+@pytest.mark.parametrize("layers, kernel, reach", [(6, 3, 7), (8, 5, 17)])
+def test_a_prior_sees_as_many_rows_up_as_its_layers_and_kernel_allow(layers, kernel, reach):
+    """The first layer sees k//2 + 1 rows up, each later one k//2 more: two_level.py's bottom
+    priors, 32 6 3 before and 32 8 5 now, reach 7 and 17 rows (README, "a bottom prior that
+    sees further"). A code `reach` rows above (r, c) moves its logits; one a row further, none
+    (exactly: masked-out inputs have no weights; through 8 gated layers of a fresh prior the
+    effect is as small as 1e-8, so any change counts)."""
+    grid = reach + 2
+    prior = make_prior(grid=grid, layers=layers, kernel=kernel)
+    codes = np.random.default_rng(1).integers(0, 10, (1, grid, grid)).astype("int32")
+    row, column = grid - 1, grid // 2
+    base = prior(codes).numpy()[0, row, column]
+    for rows_up, seen in ((reach, True), (reach + 1, False)):
+        changed = codes.copy()
+        changed[0, row - rows_up, column] = (changed[0, row - rows_up, column] + 1) % 10
+        effect = np.abs(prior(changed).numpy()[0, row, column] - base).max()
+        assert (effect > 0) == seen, f"a code {rows_up} rows up: effect {effect}"
+
+
 @pytest.mark.parametrize("kernel", [3, 5])
 def test_the_samplers_cached_logits_equal_the_full_map_logits(kernel):
     """The sampler's caches (the last k//2 + 1 rows and columns of every block's input) give
