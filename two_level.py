@@ -63,10 +63,11 @@ def build_parser():
     parser.add_argument("--bottom-prior", type=int, nargs=3, default=[32, 8, 5],
                         metavar=("WIDTH", "LAYERS", "KERNEL"),
                         help="the bottom prior's size: 4x the positions of the top map, so "
-                             "narrower; it knows the layout from the top map, and its samples "
-                             "vary more the further it sees (here 17 rows up: README, \"a "
-                             "bottom prior that sees further\"; runs before 2026-11-29 used "
-                             "32 6 3, 7 rows)")
+                             "narrower; it knows the layout from the top map. 32 8 5 sees 17 "
+                             "rows up and drew more varied samples than 32 6 3 (7 rows) on the "
+                             "bf16 run (README, \"a bottom prior that sees further\"); a run "
+                             "folder made before this default keeps 32 6 3 in its args.json: "
+                             "pass --bottom-prior 32 6 3 to reuse it")
     parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
                         metavar=("TOP", "BOTTOM"), help="dropout rate in each prior's gated "
                         "layers while it trains (as train.py's --prior-dropout; 0: none)")
