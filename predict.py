@@ -55,7 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="sample N new slices from the prior instead of reconstructing")
     parser.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature (below 1: safer, less varied slices)")
+                        help="sampling temperature: below 1 favours the likeliest codes at "
+                             "each position (for the demo prior 0.8 drew some empty slices: "
+                             "README)")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
                         help="with --generate: sample each code from only its K likeliest codes "
                              "(and any tied with the K-th; 0: from all)")

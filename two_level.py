@@ -64,8 +64,9 @@ def build_parser():
                         metavar=("WIDTH", "LAYERS", "KERNEL"),
                         help="the bottom prior's size: 4x the positions of the top map, so "
                              "narrower; it knows the layout from the top map. 32 8 5 sees 17 "
-                             "rows up and drew more varied samples than 32 6 3 (7 rows) on the "
-                             "bf16 run (README, \"a bottom prior that sees further\"); a run "
+                             "rows up and drew more varied samples than 32 6 3 (7 rows) on two "
+                             "bf16 runs' first stages (README, \"a bottom prior that sees "
+                             "further\"); a run "
                              "folder made before this default keeps 32 6 3 in its args.json: "
                              "pass --bottom-prior 32 6 3 to reuse it")
     parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
