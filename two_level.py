@@ -66,9 +66,9 @@ def build_parser():
                              "narrower; it knows the layout from the top map. 32 8 5 sees 17 "
                              "rows up and drew more varied samples than 32 6 3 (7 rows) on two "
                              "bf16 runs' first stages (README, \"a bottom prior that sees "
-                             "further\"); a run "
-                             "folder made before this default keeps 32 6 3 in its args.json: "
-                             "pass --bottom-prior 32 6 3 to reuse it")
+                             "further\" and \"the new default from scratch\"); a run folder "
+                             "made before this default keeps 32 6 3 in its args.json: pass "
+                             "--bottom-prior 32 6 3 to reuse it")
     parser.add_argument("--prior-dropout", type=float, nargs=2, default=[0.0, 0.0],
                         metavar=("TOP", "BOTTOM"), help="dropout rate in each prior's gated "
                         "layers while it trains (as train.py's --prior-dropout; 0: none)")
