@@ -86,8 +86,9 @@ def build_parser():
                         help="slices to draw and measure (0: none, else at least 2)")
     parser.add_argument("--temperature", type=float, nargs="+", default=list(TEMPERATURES),
                         metavar="T", help="the priors' sampling temperatures: TOP BOTTOM, or "
-                        "one for both; a cooler top prior draws more varied, more real slices "
-                        "(README, \"A cooler top prior\")")
+                        "one for both; at 128 px a cooler top prior drew more varied, more real "
+                        "slices (README, \"A cooler top prior\"); at 256 px T 1 did better "
+                        "(README, \"At 256 px the top prior's default temperature\")")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
