@@ -87,8 +87,9 @@ def build_parser():
     parser.add_argument("--temperature", type=float, nargs="+", default=list(TEMPERATURES),
                         metavar="T", help="the priors' sampling temperatures: TOP BOTTOM, or "
                         "one for both; at 128 px a cooler top prior drew more varied, more real "
-                        "slices (README, \"A cooler top prior\"); at 256 px T 1 did better "
-                        "(README, \"At 256 px the top prior's default temperature\")")
+                        "slices (README, \"A cooler top prior\"); at 256 px T 1 scored better on "
+                        "random-CNN distances and diversity in two runs, but looked worse to the "
+                        "eye (README, \"A second run at 256 px\")")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
