@@ -88,8 +88,8 @@ def build_parser():
                         metavar="T", help="the priors' sampling temperatures: TOP BOTTOM, or "
                         "one for both; at 128 px a cooler top prior drew more varied, more real "
                         "slices (README, \"A cooler top prior\"); at 256 px T 1 scored better on "
-                        "random-CNN distances and diversity in two runs, but looked worse to the "
-                        "eye (README, \"A second run at 256 px\")")
+                        "random-CNN distances and diversity in two runs, but in the second looked "
+                        "worse to the eye (README, \"A second run at 256 px\")")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
