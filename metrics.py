@@ -8,9 +8,12 @@
     realism       Fréchet distance between feature statistics of two sets of images, and its
                   mean term (how far apart the average features are); the same on slices
                   standardised to one brightness and contrast; the mean brightness inside the
-                  brain, and the share of its pixels in each band of brightness (histogram)
+                  brain, and the share of its pixels in each band of brightness (histogram);
+                  dark islands: dark spots enclosed by the brain, which mottled white matter
+                  has more of than real slices
 
-Images are float32 (N, H, W, 1) in [0, 1]; code maps are int32 (N, h, w).
+sample_report gathers them all for a set of samples (predict.py --generate), print_report
+prints them. Images are float32 (N, H, W, 1) in [0, 1]; code maps are int32 (N, h, w).
 """
 
 import math
@@ -18,6 +21,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy import ndimage
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, 5 scales
 SSIM_WINDOW = 11
@@ -239,3 +243,156 @@ def brain_histogram(images, bins=INTENSITY_BINS):
     brains = [image[image > BRAIN_THRESHOLD] for image in images]
     rows = [np.histogram(brain, edges)[0] / brain.size for brain in brains if brain.size]
     return np.mean(rows, axis=0).tolist() if rows else [0.0] * (len(bins) - 1)
+
+
+DARK = 0.45  # below it a pixel is dark: CSF and the darkest grey matter
+ISLAND_PIXELS = 4  # a smaller dark spot is too small to see at a glance
+
+
+def dark_islands(images, threshold=DARK, min_pixels=ISLAND_PIXELS):
+    """Dark spots enclosed by the brain, per 10,000 pixels of brain, averaged over images
+    (N, H, W, 1) that have any brain: the connected regions (4-neighbours) of pixels below
+    `threshold`, of at least `min_pixels`, that touch nothing outside the brain's outline (its
+    pixels above BRAIN_THRESHOLD, holes filled). A real slice's sulci open onto the dark
+    around the brain, so its islands are the ventricles and sulci cut across; white matter
+    mottled with dark dots, as the eye sees in samples, has many more."""
+    rates = []
+    for image in np.asarray(images)[..., 0]:
+        brain = ndimage.binary_fill_holes(image > BRAIN_THRESHOLD)
+        if not brain.any():
+            continue
+        labels, count = ndimage.label(image < threshold)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        enclosed = np.ones(count + 1, bool)
+        enclosed[np.unique(labels[~brain])] = False  # touches the outside (and 0: not dark)
+        enclosed[0] = False
+        rates.append(np.sum(enclosed & (sizes >= min_pixels)) / brain.sum() * 10_000)
+    return float(np.mean(rates)) if rates else 0.0
+
+
+def sample_report(prior, vqvae, samples, real, test, other_picks, train, seed=0,
+                  batch_size=32):
+    """Every measure above, each next to its baselines, as a dict: `samples` against `real`
+    slices (as many), with the test slices at `other_picks` (others than the real ones) as the
+    floor (themselves, and their reconstructions) and decoded shuffled codes as the ceiling;
+    likelihood on the codes of all `test` slices, memorisation against `train`. `vqvae` encodes
+    and decodes images (a vqvae2.TwoLevelGenerator packs both levels' maps into one)."""
+    K, n, other = vqvae.codebook_size, len(samples), test[other_picks]
+    test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // batch_size)))
+    train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // batch_size)))
+    other_codes = test_codes[other_picks]
+    levels = getattr(vqvae, "levels", (slice(None),))  # vqvae2.py packs 2 maps per slice
+    shuffled = shuffle_codes(other_codes, np.random.default_rng(seed), levels)
+    reconstructions = vqvae.decode_all(other_codes)
+    compared = {"samples": samples, "real_test_other_half": other,
+                "test_reconstructions": reconstructions,
+                "shuffled_codes": vqvae.decode_all(shuffled)}
+    nearest = {name: summarise(nearest_training_ssim(images, train)[0]) for name, images
+               in (("samples", samples), ("real_test", real),
+                   ("test_reconstructions", reconstructions))}
+    baseline = lambda bits: by_level(bits, train_codes, test_codes, K, levels)  # noqa
+    result = {
+        "images_compared": n,
+        "bits_per_test_code": {"prior": prior_bits(prior, test_codes),
+                               "unigram": baseline(unigram_bits),
+                               "position_unigram": baseline(position_unigram_bits),
+                               "uniform": float(np.log2(K))},
+        # the reconstructions too, next to the real slices they come from: a blurring decoder
+        # makes any two slices more alike, and so would a perfect prior's samples through it
+        "mean_pairwise_ms_ssim": {name: mean_pairwise_ms_ssim(images) for name, images
+                                  in (("samples", samples), ("real_test", real),
+                                      ("real_test_other_half", other),
+                                      ("test_reconstructions", reconstructions))},
+        "nearest_training_ssim": nearest,
+        "brain_intensity": {"real_test": brain_intensity(real)} | {
+            name: brain_intensity(images) for name, images in compared.items()},
+        "brain_histogram": {"bins": list(INTENSITY_BINS),
+                            "real_test": brain_histogram(real)} | {
+            name: brain_histogram(images) for name, images in compared.items()},
+        "dark_islands": {"real_test": dark_islands(real)} | {
+            name: dark_islands(images) for name, images in compared.items()},
+    }
+    # the same rows in the features of two unrelated random CNNs, so that no choice is tuned
+    # to the quirks of one network; and on standardised slices, since both networks' pooled
+    # features move most with overall brightness
+    for suffix, network_seed, prepare, _ in FRECHET_ROWS:
+        result["frechet_distance" + suffix], result["frechet_mean_term" + suffix] = (
+            frechet_rows(prepare(real), {name: prepare(images) for name, images
+                                         in compared.items()}, network_seed))
+    if hasattr(prior, "level_bits"):  # two levels (vqvae2.TwoLevelGenerator)
+        result |= two_level_bits(prior, test_codes)
+    return result
+
+
+FRECHET_ROWS = (  # (report key suffix, feature network seed, images prepared by, label)
+    ("", 0, np.asarray, "random-CNN features"),
+    ("_second_cnn", SECOND_FEATURE_SEED, np.asarray, "a second random CNN"),
+    ("_standardised", 0, standardised_brains,
+     "slices standardised to one brightness and contrast"))
+
+
+def frechet_rows(real, compared, seed):
+    """({name: Fréchet distance from `real` to compared[name]}, {name: its mean term}) in the
+    features of feature_network(seed)."""
+    network = feature_network(seed)
+    features = lambda images: network.predict(images, batch_size=32, verbose=0)  # noqa: E731
+    real_features = features(real)
+    terms = {name: frechet_terms(real_features, features(images))
+             for name, images in compared.items()}
+    return ({name: sum(pair) for name, pair in terms.items()},
+            {name: pair[0] for name, pair in terms.items()})
+
+
+def print_report(result):
+    """sample_report's numbers, a line per measure."""
+    bits, div = result["bits_per_test_code"], result["mean_pairwise_ms_ssim"]
+    near = result["nearest_training_ssim"]
+    print(f"metrics over {result['images_compared']} samples and as many real test slices:")
+    print(f"  likelihood: prior NLL on the test codes {bits['prior']:.3f} bits/code "
+          f"(per-position unigram {bits['position_unigram']:.3f}, unigram "
+          f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
+    if "bits_per_test_slice" in result:
+        top, bottom = result["bits_per_test_code_by_level"].values()
+        print(f"    by level: top {top:.3f}, bottom {bottom:.3f} bits/code; "
+              f"{result['bits_per_test_slice']:.0f} bits per slice")
+    print(f"  diversity, mean pairwise MS-SSIM (lower = more varied): samples "
+          f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}; reference: test "
+          f"reconstructions {div['test_reconstructions']:.3f} (their real slices "
+          f"{div['real_test_other_half']:.3f})")
+    print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(
+        f"{name.replace('_', ' ')} {near[name]['mean']:.3f} / {near[name]['max']:.3f}"
+        for name in ("samples", "real_test", "test_reconstructions")))
+    for suffix, _, _, network in FRECHET_ROWS:
+        fd, means = result["frechet_distance" + suffix], result["frechet_mean_term" + suffix]
+        print(f"  realism, Frechet distance to real test slices ({network}): samples "
+              f"{fd['samples']:.4g} (mean term {means['samples']:.4g}); floor: other real test "
+              f"slices {fd['real_test_other_half']:.4g}, test reconstructions "
+              f"{fd['test_reconstructions']:.4g}; shuffled codes {fd['shuffled_codes']:.4g}")
+    print("  brightness, mean intensity inside the brain: " + ", ".join(
+        f"{name.replace('_', ' ')} {value:.3f}"
+        for name, value in result["brain_intensity"].items()))
+    print("  dark islands inside the brain, per 10,000 of its pixels (mottled white matter): "
+          + ", ".join(f"{name.replace('_', ' ')} {value:.2f}"
+                      for name, value in result["dark_islands"].items()))
+    bins = result["brain_histogram"]["bins"]
+    print(f"  of the brain's pixels, darker than {bins[1]} (CSF) / at least {bins[-2]}: "
+          + ", ".join(f"{name.replace('_', ' ')} {h[0]:.3f} / {h[-1]:.3f}"
+                      for name, h in result["brain_histogram"].items() if name != "bins"))
+
+
+def two_level_bits(generator, codes, batch_size=32):
+    """The priors' bits per code of a two-level generator's packed `codes`, level by level,
+    and per slice (to set beside a one-level prior's bits per code x its codes)."""
+    chunks = [codes[i:i + batch_size] for i in range(0, len(codes), batch_size)]
+    levels = np.average([generator.level_bits(chunk) for chunk in chunks], axis=0,
+                        weights=[len(chunk) for chunk in chunks])
+    return {"bits_per_test_code_by_level": dict(zip(("top", "bottom"), levels.tolist())),
+            "bits_per_test_slice": float(levels[0] * np.prod(generator.top_shape)
+                                         + levels[1] * np.prod(generator.bottom_shape))}
+
+
+def summarise(values):
+    """Mean, median, 5th percentile, min and max of `values`, as floats."""
+    return {"mean": float(np.mean(values)), "median": float(np.median(values)),
+            "p5": float(np.percentile(values, 5)), "min": float(np.min(values)),
+            "max": float(np.max(values))}

@@ -3,6 +3,7 @@
     python predict.py                          # checkpoint and test split from out/config.json
     python predict.py --checkpoint out --test-dir ../shared/data/brain-slices/validate
     python predict.py --generate 16            # 16 new slices from the prior, and their metrics
+    python predict.py --checkpoint out/two_level --generate 16   # from a two_level.py run
 
 Reconstruction writes into --out (default: <checkpoint folder>/predict): report.json,
 comparison_NNN.png (original | reconstruction | absolute difference), comparison_grid.png.
@@ -10,6 +11,9 @@ Generation writes into --out (default: <checkpoint folder>/generate): sample_NNN
 samples_grid.png and generation_report.json (speed, and unless --no-metrics: likelihood,
 diversity, memorisation and realism, each next to its baselines, see metrics.py; and
 samples_and_real.png, samples above real test slices at the same size).
+
+--checkpoint is the --out of a train.py run (config.json) or of a two_level.py run (run.json,
+args.json): the same reports for the two-level code, its samples drawn by both priors.
 """
 
 import argparse
@@ -32,6 +36,7 @@ from PIL import Image  # noqa: E402
 import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
+import vqvae2  # noqa: E402
 from prior import PixelCNNPrior  # noqa: E402
 from monitor import file_sha256, load_checkpoint, read_json, write_json  # noqa: E402
 from settings import read_run_config  # noqa: E402
@@ -43,7 +48,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default="out",
-                        help="run folder of train.py (holds config.json and best.keras)")
+                        help="run folder of train.py (holds config.json and best.keras) or "
+                             "of two_level.py (run.json)")
     parser.add_argument("--weights", choices=["best", "last"], default="best",
                         help="best.keras (highest validation SSIM) or last.keras; --generate "
                              "always uses best.keras, the one its prior learned from")
@@ -54,10 +60,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="sample N new slices from the prior instead of reconstructing")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=float, nargs="+", metavar="T",
                         help="sampling temperature: below 1 favours the likeliest codes at "
                              "each position (for the demo prior 0.8 drew some empty slices: "
-                             "README)")
+                             "README); default 1, and for a two_level.py run TOP BOTTOM (or one "
+                             f"for both), default {' '.join(map(str, vqvae2.TEMPERATURES))}")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
                         help="with --generate: sample each code from only its K likeliest codes "
                              "(and any tied with the K-th; 0: from all)")
@@ -75,33 +82,65 @@ def parse_args(argv=None):
         parser.error("--generate must be a number of slices (at least 1)")
     if args.generate == 1 and not args.no_metrics:
         parser.error("--generate needs at least 2 slices for its metrics (or add --no-metrics)")
-    if not 0 < args.temperature < 100:
-        parser.error("--temperature must be a positive number below 100")
+    if args.temperature and (len(args.temperature) > 2
+                             or not all(0 < t < 100 for t in args.temperature)):
+        parser.error("--temperature takes one positive number below 100 (or two, TOP BOTTOM, "
+                     "for a two_level.py run)")
     if args.top_k < 0:
         parser.error("--top-k must be 0 (sample from all codes) or a number of codes")
     return args
 
 
 def load_run(folder, weights):
-    """(model, saved config dict) from a train.py output folder."""
+    """(model, saved config dict) from a train.py output folder, or from a two_level.py one
+    (two_level_config)."""
     folder = Path(folder)
-    config_path, model_path = folder / "config.json", folder / f"{weights}.keras"
+    two_level = is_two_level(folder)
+    config_path = folder / ("run.json" if two_level else "config.json")
+    model_path = folder / f"{weights}.keras"
     for path in (config_path, model_path):
+        if not path.exists() and two_level:
+            sys.exit(f"error: {path} not found: this two_level.py run was made before predict.py "
+                     f"read two-level runs, or has not trained its first stage yet. Run its "
+                     f"two_level.py command again with --out {folder} (add --generate 0 to only "
+                     f"load it): it trains no finished stage again and writes run.json.")
         if not path.exists():
             hint = (" (no epoch has improved on the first yet?) Try --weights last."
                     if weights == "best" and (folder / "last.keras").exists() else "")
             sys.exit(f"error: {path} not found: --checkpoint must be the --out folder of a "
                      f"train.py run (default out/).{hint}")
-    config = read_run_config(config_path)
+    config = two_level_config(config_path) if two_level else read_run_config(config_path)
     # run the model in the precision it was trained in: layers rebuilt on loading take the
     # global policy, and float32 layers would pick slightly different codes than training did
     keras.mixed_precision.set_global_policy(config.get("precision", "float32"))
-    return load_checkpoint(model_path, modules.VQVAE), config
+    kind = vqvae2.TwoLevelVQVAE if two_level else modules.VQVAE
+    return load_checkpoint(model_path, kind), config
+
+
+def is_two_level(folder):
+    """A two_level.py run: its args.json (the model's flags), and no train.py config.json."""
+    return (folder / "args.json").exists() and not (folder / "config.json").exists()
+
+
+def two_level_config(path):
+    """run.json of a two_level.py run (two_level.record_run): config.json's keys that predict
+    reads, and the style classes; a clear exit if it is not one."""
+    saved = read_json(path)
+    keys = {"model": str, "train": dict, "splits": dict, "precision": str}
+    if not (isinstance(saved, dict) and saved.get("model") == "two_level"
+            and all(isinstance(saved.get(key), kind) for key, kind in keys.items())
+            and "style_classes" in saved and "image_size" in saved["train"]):
+        sys.exit(f"error: {path} is not the run.json of a two_level.py run (edited by hand?): "
+                 f"run its two_level.py command again with --out {path.parent} to rewrite it.")
+    return saved
 
 
 def load_generator(folder):
-    """(prior, VQ-VAE, saved config): prior_best.keras and the best.keras it was trained on."""
+    """(prior, VQ-VAE, saved config): prior_best.keras and the best.keras it was trained on;
+    for a two_level.py run, its TwoLevelGenerator as both."""
     folder = Path(folder)
+    if is_two_level(folder):
+        return load_two_level_generator(folder)
     prior_path, state_path = folder / "prior_best.keras", folder / "prior_state.json"
     if not prior_path.exists() or not state_path.exists():
         sys.exit(f"error: {prior_path} not found: this run has no prior. `python train.py` "
@@ -112,6 +151,27 @@ def load_generator(folder):
         sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
                  f"codes: python train.py --resume --out {folder} trains a new prior for it.")
     return load_checkpoint(prior_path, PixelCNNPrior), vqvae, config
+
+
+def load_two_level_generator(folder):
+    """(generator, generator, config): a two_level.py run's best.keras and the best of its
+    two priors, each checked to have learned that best.keras's codes."""
+    vqvae, config = load_run(folder, "best")
+    priors = []
+    for prefix in ("top_prior_", "bottom_prior_"):
+        path, state_path = folder / f"{prefix}best.keras", folder / f"{prefix}state.json"
+        if not path.exists() or not state_path.exists():
+            sys.exit(f"error: {path} not found: this two_level.py run has not trained its "
+                     f"priors yet; its two_level.py command with --out {folder} trains them "
+                     f"(it resumes a run cut short).")
+        if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
+            sys.exit(f"error: {folder / 'best.keras'} changed after {path.name} was trained on "
+                     f"its codes: use the run's two_level.py command with a new --out.")
+        priors.append(load_checkpoint(path, PixelCNNPrior))
+    styles = config["style_classes"]
+    generator = vqvae2.TwoLevelGenerator(
+        vqvae, *priors, vqvae2.StyleClasses.from_config(styles) if styles else None)
+    return generator, generator, config
 
 
 def test_folder(args, config):
@@ -154,12 +214,6 @@ def foreground_psnr(images, reconstructions):
     squared = ((images - reconstructions) ** 2 * mask).sum(axis=(1, 2, 3))
     mse = squared / np.maximum(mask.sum(axis=(1, 2, 3)), 1)
     return np.minimum(10 * np.log10(1.0 / np.maximum(mse, 1e-30)), modules.PSNR_CAP_DB)
-
-
-def summarise(values):
-    return {"mean": float(np.mean(values)), "median": float(np.median(values)),
-            "p5": float(np.percentile(values, 5)), "min": float(np.min(values)),
-            "max": float(np.max(values))}
 
 
 def save_comparison(ax_row, original, reconstruction, ssim, psnr):
@@ -241,8 +295,8 @@ def evaluate(args, model, config):
     report = {
         "checkpoint": str(Path(args.checkpoint) / f"{args.weights}.keras"),
         "test_dir": folder, "images": len(images), "image_size": image_size,
-        "ssim": summarise(ssim), "psnr_db": summarise(psnr),
-        "foreground_psnr_db": summarise(foreground_psnr(images, reconstructions)),
+        "ssim": metrics.summarise(ssim), "psnr_db": metrics.summarise(psnr),
+        "foreground_psnr_db": metrics.summarise(foreground_psnr(images, reconstructions)),
         "codebook_usage": float(usage), "perplexity": float(perplexity),
         "codebook_size": model.codebook_size, "images_per_second": per_second,
         "device": device(),
@@ -267,6 +321,8 @@ def generate(args, prior, vqvae, config):
     if args.top_k > prior.codebook_size:
         sys.exit(f"error: --top-k {args.top_k} is more than the {prior.codebook_size} codes "
                  f"of this run's codebook: use at most {prior.codebook_size}, or 0 for all.")
+    two_level = isinstance(prior, vqvae2.TwoLevelGenerator)
+    top_temperature, temperature = sampling_temperatures(args, two_level)
     out = Path(args.out or Path(args.checkpoint) / "generate")
     out.mkdir(parents=True, exist_ok=True)
     paths = None  # listed (and checked) before minutes of sampling, not after
@@ -279,16 +335,14 @@ def generate(args, prior, vqvae, config):
             sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "
                      f"{len(paths[0])}: pass another --test-dir, or --no-metrics.")
     started = time.perf_counter()
-    draw = prior.sampler(args.generate, args.temperature, args.seed, args.top_k)  # traced once
+    top = {"top_temperature": top_temperature} if two_level else {}
+    draw = prior.sampler(args.generate, temperature, args.seed, args.top_k, **top)  # traced once
     traced = time.perf_counter()
-    samples = vqvae.decode_all(draw().numpy())
+    samples = vqvae.decode_all(np.asarray(draw()))
     seconds = time.perf_counter() - traced
     save_samples(out, samples)
-    report = {"checkpoint": str(Path(args.checkpoint) / "prior_best.keras"),
-              "samples": len(samples), "temperature": args.temperature,
-              "top_k": args.top_k, "seed": args.seed,
-              "code_map": [prior.grid_size, prior.grid_size],
-              "trace_seconds": traced - started, "seconds": seconds,
+    report = {**what_was_drawn(args, prior, top_temperature, temperature),
+              "samples": len(samples), "trace_seconds": traced - started, "seconds": seconds,
               "images_per_second": len(samples) / seconds, "device": device()}
     print(f"generated {len(samples)} slices in {seconds:.1f} s: {len(samples) / seconds:.2f} "
           f"images/s on {report['device']} (sampling and decoding; {traced - started:.1f} s "
@@ -300,6 +354,28 @@ def generate(args, prior, vqvae, config):
     write_json(report, out / "generation_report.json")
     print(f"wrote {out / 'generation_report.json'}" + (
         f" and {out / 'samples_and_real.png'}" if paths else ""))
+
+
+def what_was_drawn(args, prior, top_temperature, temperature):
+    """The report's record of the model and the sampler's settings."""
+    drawn = {"seed": args.seed, "top_k": args.top_k}
+    if isinstance(prior, vqvae2.TwoLevelGenerator):
+        return {"checkpoint": str(Path(args.checkpoint)), **drawn,
+                "temperature": {"top": top_temperature, "bottom": temperature},
+                "code_maps": [list(prior.top_shape), list(prior.bottom_shape)],
+                "style_classes": prior.styles.count if prior.styles is not None else 0}
+    return {"checkpoint": str(Path(args.checkpoint) / "prior_best.keras"), **drawn,
+            "temperature": temperature, "code_map": [prior.grid_size, prior.grid_size]}
+
+
+def sampling_temperatures(args, two_level):
+    """(the top prior's, the (bottom) prior's) from --temperature: one value for both; unless
+    given, 1, and a two-level run's vqvae2.TEMPERATURES."""
+    given = args.temperature or (vqvae2.TEMPERATURES if two_level else [1.0])
+    if len(given) == 2 and not two_level:
+        sys.exit(f"error: --temperature {' '.join(map(str, given))}: a train.py run has one "
+                 f"prior, so give one temperature (two, TOP BOTTOM, are for a two_level.py run).")
+    return float(given[0]), float(given[-1])
 
 
 def load_images(paths, image_size, batch_size):
@@ -317,106 +393,20 @@ def generation_metrics(args, prior, vqvae, config, samples, test_paths, train_pa
     reconstructions and shuffled codes come from n *other* test slices, so that every realism
     row compares two different sets of equal size, as samples and real slices are.
     """
-    size, K = config["train"]["image_size"], vqvae.codebook_size
+    size = config["train"]["image_size"]
     test = load_images(test_paths, size, args.batch_size)
     train = load_images(train_paths, size, args.batch_size)
     n = min(len(samples), len(test) // 2)  # at least 2: generate() checked the counts
     picks = np.linspace(0, len(test) - 1, 2 * n).round().astype(int)
-    real, other = test[picks[0::2]], test[picks[1::2]]
-    samples = samples[:n]
+    real, samples = test[picks[0::2]], samples[:n]
     shown = 16 if n >= 16 else min(n, 8)  # whole rows of samples, then of real slices
     spread = np.linspace(0, n - 1, shown).round().astype(int)  # across the whole test split
     save_grid(out / "samples_and_real.png", np.concatenate([samples[:shown], real[spread]]),
               columns=min(shown, 8), caption="top: samples; bottom: real")
-    test_codes = vqvae.encode_all(np.array_split(test, max(1, len(test) // args.batch_size)))
-    train_codes = vqvae.encode_all(np.array_split(train, max(1, len(train) // args.batch_size)))
-    other_codes = test_codes[picks[1::2]]
-    levels = getattr(vqvae, "levels", (slice(None),))  # vqvae2.py packs 2 maps per slice
-    shuffled = metrics.shuffle_codes(other_codes, np.random.default_rng(args.seed), levels)
-    reconstructions = vqvae.decode_all(other_codes)
-    compared = {"samples": samples, "real_test_other_half": other,
-                "test_reconstructions": reconstructions,
-                "shuffled_codes": vqvae.decode_all(shuffled)}
-    nearest = {name: summarise(metrics.nearest_training_ssim(images, train)[0]) for name, images
-               in (("samples", samples), ("real_test", real),
-                   ("test_reconstructions", reconstructions))}
-    baseline = lambda bits: metrics.by_level(bits, train_codes, test_codes, K, levels)  # noqa
-    result = {
-        "images_compared": n,
-        "bits_per_test_code": {"prior": metrics.prior_bits(prior, test_codes),
-                               "unigram": baseline(metrics.unigram_bits),
-                               "position_unigram": baseline(metrics.position_unigram_bits),
-                               "uniform": float(np.log2(K))},
-        # the reconstructions too, next to the real slices they come from: a blurring decoder
-        # makes any two slices more alike, and so would a perfect prior's samples through it
-        "mean_pairwise_ms_ssim": {name: metrics.mean_pairwise_ms_ssim(images) for name, images
-                                  in (("samples", samples), ("real_test", real),
-                                      ("real_test_other_half", other),
-                                      ("test_reconstructions", reconstructions))},
-        "nearest_training_ssim": nearest,
-        "brain_intensity": {"real_test": metrics.brain_intensity(real)} | {
-            name: metrics.brain_intensity(images) for name, images in compared.items()},
-        "brain_histogram": {"bins": list(metrics.INTENSITY_BINS),
-                            "real_test": metrics.brain_histogram(real)} | {
-            name: metrics.brain_histogram(images) for name, images in compared.items()},
-    }
-    # the same rows in the features of two unrelated random CNNs, so that no choice is tuned
-    # to the quirks of one network; and on standardised slices, since both networks' pooled
-    # features move most with overall brightness
-    for suffix, seed, prepare, _ in FRECHET_ROWS:
-        result["frechet_distance" + suffix], result["frechet_mean_term" + suffix] = (
-            frechet_rows(prepare(real), {name: prepare(images) for name, images
-                                         in compared.items()}, seed))
-    print_metrics(result)
+    result = metrics.sample_report(prior, vqvae, samples, real, test, picks[1::2], train,
+                                   args.seed, args.batch_size)
+    metrics.print_report(result)
     return result
-
-
-FRECHET_ROWS = (  # (report key suffix, feature network seed, images prepared by, label)
-    ("", 0, np.asarray, "random-CNN features"),
-    ("_second_cnn", metrics.SECOND_FEATURE_SEED, np.asarray, "a second random CNN"),
-    ("_standardised", 0, metrics.standardised_brains,
-     "slices standardised to one brightness and contrast"))
-
-
-def frechet_rows(real, compared, seed):
-    """({name: Fréchet distance from `real` to compared[name]}, {name: its mean term}) in the
-    features of metrics.feature_network(seed)."""
-    network = metrics.feature_network(seed)
-    features = lambda images: network.predict(images, batch_size=32, verbose=0)  # noqa: E731
-    real_features = features(real)
-    terms = {name: metrics.frechet_terms(real_features, features(images))
-             for name, images in compared.items()}
-    return ({name: sum(pair) for name, pair in terms.items()},
-            {name: pair[0] for name, pair in terms.items()})
-
-
-def print_metrics(result):
-    bits, div = result["bits_per_test_code"], result["mean_pairwise_ms_ssim"]
-    near = result["nearest_training_ssim"]
-    print(f"metrics over {result['images_compared']} samples and as many real test slices:")
-    print(f"  likelihood: prior NLL on the test codes {bits['prior']:.3f} bits/code "
-          f"(per-position unigram {bits['position_unigram']:.3f}, unigram "
-          f"{bits['unigram']:.3f}, uniform {bits['uniform']:.3f})")
-    print(f"  diversity, mean pairwise MS-SSIM (lower = more varied): samples "
-          f"{div['samples']:.3f}, real test slices {div['real_test']:.3f}; reference: test "
-          f"reconstructions {div['test_reconstructions']:.3f} (their real slices "
-          f"{div['real_test_other_half']:.3f})")
-    print("  memorisation, SSIM to the nearest training slice (mean / max): " + ", ".join(
-        f"{name.replace('_', ' ')} {near[name]['mean']:.3f} / {near[name]['max']:.3f}"
-        for name in ("samples", "real_test", "test_reconstructions")))
-    for suffix, _, _, network in FRECHET_ROWS:
-        fd, means = result["frechet_distance" + suffix], result["frechet_mean_term" + suffix]
-        print(f"  realism, Frechet distance to real test slices ({network}): samples "
-              f"{fd['samples']:.4g} (mean term {means['samples']:.4g}); floor: other real test "
-              f"slices {fd['real_test_other_half']:.4g}, test reconstructions "
-              f"{fd['test_reconstructions']:.4g}; shuffled codes {fd['shuffled_codes']:.4g}")
-    print("  brightness, mean intensity inside the brain: " + ", ".join(
-        f"{name.replace('_', ' ')} {value:.3f}"
-        for name, value in result["brain_intensity"].items()))
-    bins = result["brain_histogram"]["bins"]
-    print(f"  of the brain's pixels, darker than {bins[1]} (CSF) / at least {bins[-2]}: "
-          + ", ".join(f"{name.replace('_', ' ')} {h[0]:.3f} / {h[-1]:.3f}"
-                      for name, h in result["brain_histogram"].items() if name != "bins"))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ by default: 90 in all; by --schedule cosine its learning rate falls to 0 at that
 stage already finished in --out is loaded, one cut short resumes, and
 one given --minutes above those it used trains on),
 then draws --generate slices (the top maps cooler than the bottom: --temperature) and
-measures them with predict.py's metrics into
-generate/generation_report.json, as `predict.py --generate` does for a one-level run.
+measures them into generate/generation_report.json by `predict.py --generate`, which reads the
+run from --out (run.json) as it reads a train.py run:
+
+    python predict.py --checkpoint out/two_level              # reconstructions of the test split
+    python predict.py --checkpoint out/two_level --generate 16
 """
 
 import argparse
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,7 +36,8 @@ import train  # noqa: E402
 from monitor import (Checkpoints, CosineOverTime, WallClock, file_sha256,  # noqa: E402
                      load_checkpoint, read_json, remove_leftovers, trim_log, write_json)
 from prior import PixelCNNPrior  # noqa: E402
-from vqvae2 import StyleClasses, TwoLevelGenerator, TwoLevelVQVAE  # noqa: E402
+import vqvae2  # noqa: E402
+from vqvae2 import StyleClasses, TwoLevelVQVAE  # noqa: E402
 
 
 def build_parser():
@@ -84,7 +87,8 @@ def build_parser():
                              f"runs before the schedule)")
     parser.add_argument("--generate", type=int, default=256,
                         help="slices to draw and measure (0: none, else at least 2)")
-    parser.add_argument("--temperature", type=float, nargs="+", default=list(TEMPERATURES),
+    parser.add_argument("--temperature", type=float, nargs="+",
+                        default=list(vqvae2.TEMPERATURES),
                         metavar="T", help="the priors' sampling temperatures: TOP BOTTOM, or "
                         "one for both; at 128 px a cooler top prior drew more varied, more real "
                         "slices (README, \"A cooler top prior\"); at 256 px T 1 scored better on "
@@ -182,7 +186,6 @@ EPOCHS = 1000  # each stage stops at its time limit
 LEARNING_RATE = 1e-3  # Adam's, every stage
 MINUTES = (40.0, 30.0, 20.0)  # the stages' limits: 90 minutes in all
 STYLE_BINS = 4  # of each style measure: the top prior's STYLE_BINS^2 style classes
-TEMPERATURES = (0.7, 1.0)  # the top prior's and the bottom prior's, when sampling
 KEPT_FLAGS = ("image_size", "width", "res_blocks", "code_dim", "codebook_size", "top_prior",
               "bottom_prior", "prior_dropout", "schedule",
               "style_bins")  # a run's model and how it trains
@@ -278,6 +281,7 @@ def run(args, out):
     codes = {split: vqvae.encode_all(noting_styles(split)) for split in styles}
     styles = {split: np.concatenate(rows) for split, rows in styles.items()}
     classes = StyleClasses(styles["train"], args.style_bins) if args.style_bins else None
+    record_run(args, out, classes)
     K = vqvae.codebook_size
     print(f"encoded both splits in {time.time() - started:.0f} s; validation code usage: "
           + ", ".join(f"{level} {len(np.unique(maps)) / K:.0%}" for level, maps
@@ -289,56 +293,33 @@ def run(args, out):
     both_codes = {split: (bottom, top) for split, (top, bottom) in codes.items()}
     tie = dict(kind=PixelCNNPrior, tied_to=out / "best.keras", more_time=args.minutes_given,
                anneal=args.schedule == "cosine")
-    top_prior = fit_stage(
+    fit_stage(
         out, "top_prior_", lambda: build_prior(args.top_prior, top_grid, K, args.prior_dropout[0],
                                                (1, classes.count) if classes else (0, 0)),
         lambda seed: code_datasets(top_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[1], bits, **tie)
-    bottom_prior = fit_stage(
+    fit_stage(
         out, "bottom_prior_",
         lambda: build_prior(args.bottom_prior, bottom_grid, K, args.prior_dropout[1],
                             (top_grid, K)),
         lambda seed: code_datasets(both_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[2], bits, **tie)
-    if args.generate:
-        generate(args, out, TwoLevelGenerator(vqvae, top_prior, bottom_prior, classes), paths)
+    if args.generate:  # as `predict.py --checkpoint OUT --generate N` draws and measures them
+        predict.main(["--checkpoint", str(out), "--generate", str(args.generate), "--temperature",
+                      *map(str, args.temperature), "--seed", str(args.seed),
+                      "--batch-size", str(args.batch_size)])
 
 
-def generate(args, out, generator, paths):
-    """Draw --generate slices, save them, and measure them as predict.py --generate does."""
-    out = out / "generate"
-    out.mkdir(exist_ok=True)
-    started = time.perf_counter()
-    top_temperature, bottom_temperature = args.temperature
-    draw = generator.sampler(args.generate, bottom_temperature, args.seed, top_temperature)
-    traced = time.perf_counter()
-    samples = generator.decode_all(draw())
-    seconds = time.perf_counter() - traced
-    predict.save_samples(out, samples)
-    print(f"generated {len(samples)} slices in {seconds:.1f} s: "
-          f"{len(samples) / seconds:.2f} images/s", flush=True)
-    report = {"samples": len(samples), "seed": args.seed,
-              "temperature": {"top": top_temperature, "bottom": bottom_temperature},
-              "code_maps": [list(generator.top_shape), list(generator.bottom_shape)],
-              "style_classes": generator.styles.count if generator.styles is not None else 0,
-              "trace_seconds": traced - started, "seconds": seconds,
-              "images_per_second": len(samples) / seconds, "device": predict.device()}
-    settings = types.SimpleNamespace(batch_size=args.batch_size, seed=args.seed)
-    config = {"train": {"image_size": args.image_size}}
-    report["metrics"] = predict.generation_metrics(
-        settings, generator, generator, config, samples, paths["test"], paths["train"], out)
-    test = predict.load_images(paths["test"], args.image_size, args.batch_size)
-    test_codes = generator.encode_all(np.array_split(test, max(1, len(test) // 32)))
-    chunks = [test_codes[i:i + 32] for i in range(0, len(test_codes), 32)]
-    levels = np.average([generator.level_bits(chunk) for chunk in chunks], axis=0,
-                        weights=[len(chunk) for chunk in chunks])
-    report["bits_per_test_code_by_level"] = dict(zip(("top", "bottom"), levels.tolist()))
-    # the number to set beside a one-level prior's: its bits per code x its 1,024 codes
-    report["bits_per_test_slice"] = float(levels[0] * np.prod(generator.top_shape)
-                                          + levels[1] * np.prod(generator.bottom_shape))
-    write_json(report, out / "generation_report.json")
-    print(f"bits per test code: {report['bits_per_test_code_by_level']}, per slice "
-          f"{report['bits_per_test_slice']:.0f}; wrote {out / 'generation_report.json'}")
+def record_run(args, out, classes):
+    """run.json: what predict.py needs to load this run (as train.py's config.json gives it):
+    the splits, the precision it ran in, and the style classes the top prior was trained on."""
+    folder = lambda name: str(Path(name).resolve())  # noqa: E731
+    write_json({"model": "two_level",
+                "train": {"image_size": args.image_size, "skip_bad_files": False},
+                "splits": {"train": folder(args.train_dir), "validate": folder(args.val_dir),
+                           "test": folder(args.test_dir or args.val_dir)},
+                "precision": keras.mixed_precision.global_policy().name,
+                "style_classes": classes.get_config() if classes else None}, out / "run.json")
 
 
 if __name__ == "__main__":

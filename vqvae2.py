@@ -25,6 +25,10 @@ import metrics
 import modules
 from modules import PACKAGE, Decoder, Encoder, ResidualBlock, VectorQuantizer
 
+# the top prior's and the bottom prior's sampling temperatures unless given (two_level.py,
+# predict.py): a cooler top map (README, "A cooler top prior")
+TEMPERATURES = (0.7, 1.0)
+
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class TwoLevelVQVAE(modules.VQVAE):
@@ -133,6 +137,19 @@ class StyleClasses:
         counts = np.bincount(self(train_styles), minlength=self.count)
         self.frequencies = counts / counts.sum()
 
+    def get_config(self):
+        """What a run keeps (two_level.py's run.json) so that predict.py draws the same styles."""
+        return {"bins": self.bins, "edges": self.edges.tolist(),
+                "frequencies": self.frequencies.tolist()}
+
+    @classmethod
+    def from_config(cls, config):
+        classes = cls.__new__(cls)
+        classes.bins, classes.edges = config["bins"], np.array(config["edges"], np.float64)
+        classes.frequencies = np.array(config["frequencies"], np.float64)
+        classes.count = len(classes.frequencies)
+        return classes
+
     def __call__(self, styles):
         """brain_styles (N, S) -> style classes (N,) int32 in [0, bins^S): the bins' indices
         as the digits of a base-`bins` number, the first measure's the most significant."""
@@ -148,7 +165,7 @@ class StyleClasses:
 
 class TwoLevelGenerator:
     """Both levels' code maps packed into one (N, h_top * w_top + h_bottom * w_bottom) array
-    per slice (top first), so that predict.generation_metrics measures a two-level model as it
+    per slice (top first), so that metrics.sample_report measures a two-level model as it
     does a one-level one: it plays both the VQ-VAE (encode_all, decode_all, codebook_size,
     and `levels`, the packed columns of each level, which the metrics' baselines and shuffled
     codes treat one level at a time) and the prior (bits_per_code: the mean over every code of
@@ -202,15 +219,15 @@ class TwoLevelGenerator:
         top_count, bottom_count = np.prod(self.top_shape), np.prod(self.bottom_shape)
         return (top_bits * top_count + bottom_bits * bottom_count) / (top_count + bottom_count)
 
-    def sampler(self, count, temperature=1.0, seed=None, top_temperature=None):
+    def sampler(self, count, temperature=1.0, seed=None, top_k=0, top_temperature=None):
         """A function that draws `count` packed code maps per call: style classes if styled,
         the top prior's maps (in those styles) at `top_temperature` (default: `temperature`),
-        then the bottom prior's conditioned on them at `temperature` (both samplers traced
-        here, once)."""
+        then the bottom prior's conditioned on them at `temperature`, each code from its
+        `top_k` likeliest (0: all; PixelCNNPrior.sampler); both samplers traced here, once."""
         top_temperature = temperature if top_temperature is None else top_temperature
-        draw_top = self.top_prior.sampler(count, top_temperature, seed)
+        draw_top = self.top_prior.sampler(count, top_temperature, seed, top_k)
         draw_bottom = self.bottom_prior.sampler(count, temperature,
-                                                None if seed is None else seed + 1)
+                                                None if seed is None else seed + 1, top_k)
         rng = np.random.default_rng(seed)
 
         def draw():

@@ -70,6 +70,27 @@ def test_brain_histogram_gives_the_fractions_of_brain_pixels_per_intensity_bin()
     assert metrics.brain_histogram(slices[1:2])[-1] == pytest.approx(1 / 15)
 
 
+def test_dark_islands_count_the_dark_spots_the_brain_encloses():
+    """A square brain of 40 x 40 pixels at 0.7: three dark 2x2 spots inside count, and a dark
+    hole below the brain threshold (a ventricle), but not a 1-pixel spot (too small), nor a
+    dark sulcus that opens onto the background, nor a spot beside it that it reaches; an
+    empty slice is left out of the mean."""
+    slices = np.zeros((3, 64, 64, 1), np.float32)
+    slices[:2, 10:50, 10:50] = 0.7
+    for row, col in ((15, 15), (15, 40), (40, 20)):
+        slices[0, row:row + 2, col:col + 2] = 0.3          # islands of 4 pixels
+    slices[0, 30:34, 30:34] = 0.0                          # a ventricle, darker than the background
+    slices[0, 25, 25] = 0.1                                # too small
+    slices[0, 10:28, 44] = 0.3                             # a sulcus from the edge ...
+    slices[0, 27:29, 45:47] = 0.2                          # ... and a spot it touches
+    rate = 4 / (40 * 40) * 10_000
+    assert metrics.dark_islands(slices[:1]) == pytest.approx(rate)
+    assert metrics.dark_islands(slices[1:]) == 0.0          # a smooth brain, and an empty slice
+    assert metrics.dark_islands(slices) == pytest.approx(rate / 2)
+    assert metrics.dark_islands(slices[:1], min_pixels=1) == pytest.approx(5 / 1600 * 10_000)
+    assert metrics.dark_islands(slices[:1], threshold=0.25) == pytest.approx(2 / 1600 * 10_000)
+
+
 def test_pairwise_ms_ssim_is_one_for_copies_and_lower_for_different_slices():
     same = np.repeat(slices(1), 4, axis=0)
     assert metrics.mean_pairwise_ms_ssim(same) == pytest.approx(1.0, abs=1e-5)

@@ -118,9 +118,12 @@ def test_generate_writes_samples_a_grid_and_every_metric(trained_run, tmp_path, 
     assert set(histogram) == compared | {"real_test", "bins"} and histogram["bins"][0] == 0.05
     for name in compared | {"real_test"}:
         assert len(histogram[name]) == 6 and abs(sum(histogram[name]) - 1) < 1e-6
+    assert set(found["dark_islands"]) == compared | {"real_test"}
+    assert all(value >= 0 for value in found["dark_islands"].values())
     printed = capsys.readouterr().out
     for words in ("images/s", "bits/code", "MS-SSIM", "nearest training slice", "Frechet",
-                  "a second random CNN", "mean term", "inside the brain", "standardised", "(CSF)"):
+                  "a second random CNN", "mean term", "inside the brain", "standardised", "(CSF)",
+                  "dark islands"):
         assert words in printed
     assert re.search(r"diversity, .*; reference: test reconstructions \d\.\d{3} \(their real "
                      r"slices \d\.\d{3}\)\n", printed)
@@ -204,3 +207,49 @@ def test_predict_names_a_bad_run_file_and_what_is_wrong(trained_run, tmp_path, f
          "vqvae_sha256": predict.file_sha256(out / "best.keras")}))
     with pytest.raises(SystemExit, match=message):
         predict.main(["--checkpoint", str(out), "--out", str(tmp_path / "p"), *argv])
+
+
+def test_a_two_level_run_is_read_as_a_train_py_run_is(trained_run, tmp_path, capsys):
+    """--checkpoint on a two_level.py --out: the test split it recorded (its validation
+    folder) reconstructed; samples drawn by its TwoLevelGenerator with the style classes of
+    its training slices, at the two-level default temperatures (the very slices the
+    generator draws itself), measured with both levels' bits; a run made before run.json says
+    how to write it, and its two_level.py command does. Two temperatures are refused for a
+    train.py run, which has one prior."""
+    import metrics
+    import two_level
+    import vqvae2
+    from test_two_level import tiny_experiment
+    out, argv = tmp_path / "out", tiny_experiment(tmp_path) + [
+        "--minutes", "0.001", "0.001", "0.001", "--style-bins", "2", "--generate", "0"]
+    two_level.main(argv)
+    predict.main(["--checkpoint", str(out)])
+    report = strict_json(out / "predict" / "report.json")
+    assert report["images"] == 8 and 0 < report["ssim"]["mean"] <= 1
+    train_images = predict.load_images(dataset.list_images(tmp_path / "train"), 32, 8)
+    fitted = vqvae2.StyleClasses(metrics.brain_styles(train_images), 2)
+    recorded = strict_json(out / "run.json")["style_classes"]
+    np.testing.assert_allclose(recorded["edges"], fitted.edges)
+    np.testing.assert_allclose(recorded["frequencies"], fitted.frequencies)
+    predict.main(["--checkpoint", str(out), "--generate", "4"])
+    generated = strict_json(out / "generate" / "generation_report.json")
+    assert generated["temperature"] == {"top": 0.7, "bottom": 1.0}
+    assert generated["style_classes"] == 4 and generated["code_maps"] == [[4, 4], [8, 8]]
+    assert generated["metrics"]["bits_per_test_slice"] > 0
+    assert "by level: top" in capsys.readouterr().out
+    generator = predict.load_generator(out)[0]
+    train_styles = metrics.brain_styles(train_images)  # the loaded classes are the fitted ones
+    np.testing.assert_array_equal(generator.styles(train_styles), fitted(train_styles))
+    assert generator.styles.count == 4
+    drawn = generator.decode_all(generator.sampler(4, 1.0, 0, top_temperature=0.7)())
+    saved = np.stack([np.asarray(Image.open(out / "generate" / f"sample_{n:03d}.png"))
+                      for n in range(4)])
+    np.testing.assert_array_equal(saved, (drawn[..., 0] * 255).round().astype(np.uint8))
+    (out / "run.json").unlink()
+    with pytest.raises(SystemExit, match="run.json not found.*--generate 0"):
+        predict.main(["--checkpoint", str(out), "--generate", "4"])
+    two_level.main(argv)
+    assert strict_json(out / "run.json")["style_classes"] == recorded
+    with pytest.raises(SystemExit, match="a train.py run has one prior"):
+        predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--no-metrics",
+                      "--temperature", "0.7", "1", "--out", str(tmp_path / "one")])

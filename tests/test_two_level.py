@@ -31,17 +31,18 @@ def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path, m
     argv = tiny_experiment(tmp_path) + ["--minutes", "0.001", "0.001", "0.001",
                                         "--schedule", "constant", "--generate", "4"]
     calls, sampler = [], vqvae2.TwoLevelGenerator.sampler
-    monkeypatch.setattr(vqvae2.TwoLevelGenerator, "sampler",
-                        lambda self, *args: calls.append(args) or sampler(self, *args))
+    monkeypatch.setattr(vqvae2.TwoLevelGenerator, "sampler", lambda self, *args, **kwargs: (
+        calls.append((args, kwargs)) or sampler(self, *args, **kwargs)))
     two_level.main(argv)
-    assert calls == [(4, 1.0, 0, 0.7)]  # count, bottom temperature, seed, top temperature
+    # count, bottom temperature, seed, top-k (none), and the top temperature
+    assert calls == [((4, 1.0, 0, 0), {"top_temperature": 0.7})]
     for prefix in ("", "top_prior_", "bottom_prior_"):
         state = json.loads((out / f"{prefix}state.json").read_text())
         assert state["epochs_done"] == 1 and state["finished"]
     report = json.loads((out / "generate" / "generation_report.json").read_text())
     assert report["samples"] == 4 and report["code_maps"] == [[4, 4], [8, 8]]
     assert report["temperature"] == {"top": 0.7, "bottom": 1.0}  # the defaults
-    levels = report["bits_per_test_code_by_level"]
+    levels = report["metrics"]["bits_per_test_code_by_level"]
     assert 0 < levels["top"] < 8 and 0 < levels["bottom"] < 8  # log2 16 = 4 plus an untrained
     assert set(report["metrics"]["frechet_distance"]) >= {"samples", "test_reconstructions"}
     assert len(list((out / "generate").glob("sample_*.png"))) == 4
@@ -167,7 +168,8 @@ def test_style_bins_train_a_styled_top_prior_and_are_kept(tmp_path, capsys):
     assert top_prior.hparams["condition_grid"] == 1
     assert top_prior.hparams["condition_codebook"] == 4
     report = json.loads((out / "generate" / "generation_report.json").read_text())
-    assert report["samples"] == 4 and 0 < report["bits_per_test_code_by_level"]["top"] < 8
+    assert report["samples"] == 4
+    assert 0 < report["metrics"]["bits_per_test_code_by_level"]["top"] < 8
     with pytest.raises(SystemExit, match="pass --style-bins 2,"):
         two_level.main(argv + ["--generate", "0"])
     args = json.loads((out / "args.json").read_text())
