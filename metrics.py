@@ -146,7 +146,7 @@ def nearest_training_ssim(images, train_images, candidates=20):
     return best, index
 
 
-SECOND_FEATURE_SEED = 1000  # predict.py's second, unrelated feature network
+SECOND_FEATURE_SEED = 1000  # sample_report's second, unrelated feature network
 
 
 def feature_network(seed=0):
@@ -253,7 +253,8 @@ def dark_islands(images, threshold=DARK, min_pixels=ISLAND_PIXELS):
     """Dark spots enclosed by the brain, per 10,000 pixels of brain, averaged over images
     (N, H, W, 1) that have any brain: the connected regions (4-neighbours) of pixels below
     `threshold`, of at least `min_pixels`, that touch nothing outside the brain's outline (its
-    pixels above BRAIN_THRESHOLD, holes filled). A real slice's sulci open onto the dark
+    pixels above BRAIN_THRESHOLD, holes filled) nor the image's edge. A real slice's sulci
+    open onto the dark
     around the brain, so its islands are the ventricles and sulci cut across; white matter
     mottled with dark dots, as the eye sees in samples, has many more."""
     rates = []
@@ -264,8 +265,9 @@ def dark_islands(images, threshold=DARK, min_pixels=ISLAND_PIXELS):
         labels, count = ndimage.label(image < threshold)
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         enclosed = np.ones(count + 1, bool)
-        enclosed[np.unique(labels[~brain])] = False  # touches the outside (and 0: not dark)
-        enclosed[0] = False
+        edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        enclosed[np.unique(np.concatenate([labels[~brain], edge]))] = False  # opens outwards
+        enclosed[0] = False  # not dark
         rates.append(np.sum(enclosed & (sizes >= min_pixels)) / brain.sum() * 10_000)
     return float(np.mean(rates)) if rates else 0.0
 

@@ -61,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="sample N new slices from the prior instead of reconstructing")
     parser.add_argument("--temperature", type=float, nargs="+", metavar="T",
+                        default=argparse.SUPPRESS,  # its default depends on the run's kind
                         help="sampling temperature: below 1 favours the likeliest codes at "
                              "each position (for the demo prior 0.8 drew some empty slices: "
                              "README); default 1, and for a two_level.py run TOP BOTTOM (or one "
@@ -82,10 +83,12 @@ def parse_args(argv=None):
         parser.error("--generate must be a number of slices (at least 1)")
     if args.generate == 1 and not args.no_metrics:
         parser.error("--generate needs at least 2 slices for its metrics (or add --no-metrics)")
-    if args.temperature and (len(args.temperature) > 2
-                             or not all(0 < t < 100 for t in args.temperature)):
-        parser.error("--temperature takes one positive number below 100 (or two, TOP BOTTOM, "
-                     "for a two_level.py run)")
+    args.temperature = getattr(args, "temperature", None)
+    if args.temperature:
+        try:
+            vqvae2.top_and_bottom(args.temperature)
+        except ValueError as error:
+            parser.error(f"{error} (two, TOP BOTTOM, for a two_level.py run only)")
     if args.top_k < 0:
         parser.error("--top-k must be 0 (sample from all codes) or a number of codes")
     return args
@@ -98,17 +101,17 @@ def load_run(folder, weights):
     two_level = is_two_level(folder)
     config_path = folder / ("run.json" if two_level else "config.json")
     model_path = folder / f"{weights}.keras"
+    if two_level and not config_path.exists():
+        sys.exit(f"error: {config_path} not found: this two_level.py run was made before "
+                 f"predict.py read two-level runs, or its first stage has not finished. Run its "
+                 f"two_level.py command again with --out {folder} (and --generate 0 to draw "
+                 f"nothing): it writes run.json once the first stage is done.")
     for path in (config_path, model_path):
-        if not path.exists() and two_level:
-            sys.exit(f"error: {path} not found: this two_level.py run was made before predict.py "
-                     f"read two-level runs, or has not trained its first stage yet. Run its "
-                     f"two_level.py command again with --out {folder} (add --generate 0 to only "
-                     f"load it): it trains no finished stage again and writes run.json.")
         if not path.exists():
             hint = (" (no epoch has improved on the first yet?) Try --weights last."
                     if weights == "best" and (folder / "last.keras").exists() else "")
             sys.exit(f"error: {path} not found: --checkpoint must be the --out folder of a "
-                     f"train.py run (default out/).{hint}")
+                     f"train.py run (default out/) or of a two_level.py run.{hint}")
     config = two_level_config(config_path) if two_level else read_run_config(config_path)
     # run the model in the precision it was trained in: layers rebuilt on loading take the
     # global policy, and float32 layers would pick slightly different codes than training did
@@ -118,18 +121,22 @@ def load_run(folder, weights):
 
 
 def is_two_level(folder):
-    """A two_level.py run: its args.json (the model's flags), and no train.py config.json."""
-    return (folder / "args.json").exists() and not (folder / "config.json").exists()
+    """A two_level.py run: its args.json (the model's flags) or a top prior's state, and no
+    train.py config.json."""
+    return (not (folder / "config.json").exists()
+            and any((folder / name).exists() for name in ("args.json", "top_prior_state.json")))
 
 
 def two_level_config(path):
     """run.json of a two_level.py run (two_level.record_run): config.json's keys that predict
     reads, and the style classes; a clear exit if it is not one."""
     saved = read_json(path)
-    keys = {"model": str, "train": dict, "splits": dict, "precision": str}
+    shape = {"model": str, "train": dict, "splits": dict, "precision": str}
     if not (isinstance(saved, dict) and saved.get("model") == "two_level"
-            and all(isinstance(saved.get(key), kind) for key, kind in keys.items())
-            and "style_classes" in saved and "image_size" in saved["train"]):
+            and all(isinstance(saved.get(key), kind) for key, kind in shape.items())
+            and "style_classes" in saved
+            and {"image_size", "skip_bad_files"} <= set(saved["train"])
+            and all(isinstance(saved["splits"].get(split), str) for split in ("train", "test"))):
         sys.exit(f"error: {path} is not the run.json of a two_level.py run (edited by hand?): "
                  f"run its two_level.py command again with --out {path.parent} to rewrite it.")
     return saved
@@ -141,37 +148,43 @@ def load_generator(folder):
     folder = Path(folder)
     if is_two_level(folder):
         return load_two_level_generator(folder)
-    prior_path, state_path = folder / "prior_best.keras", folder / "prior_state.json"
-    if not prior_path.exists() or not state_path.exists():
-        sys.exit(f"error: {prior_path} not found: this run has no prior. `python train.py` "
-                 f"trains one after the VQ-VAE; `python train.py --prior-only --out {folder}` "
-                 f"adds one to a finished run.")
     vqvae, config = load_run(folder, "best")
-    if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
-        sys.exit(f"error: {folder / 'best.keras'} changed after the prior was trained on its "
-                 f"codes: python train.py --resume --out {folder} trains a new prior for it.")
-    return load_checkpoint(prior_path, PixelCNNPrior), vqvae, config
+    prior = tied_prior(folder, "prior_", f"this run has no prior. `python train.py` trains one "
+                       f"after the VQ-VAE; `python train.py --prior-only --out {folder}` adds "
+                       f"one to a finished run.", f"python train.py --resume --out {folder} "
+                       f"trains a new prior for it.")
+    return prior, vqvae, config
 
 
 def load_two_level_generator(folder):
-    """(generator, generator, config): a two_level.py run's best.keras and the best of its
-    two priors, each checked to have learned that best.keras's codes."""
+    """(generator, generator, config): a two_level.py run's best.keras and each prior's best
+    checkpoint, both checked to have learned that best.keras's codes."""
     vqvae, config = load_run(folder, "best")
-    priors = []
-    for prefix in ("top_prior_", "bottom_prior_"):
-        path, state_path = folder / f"{prefix}best.keras", folder / f"{prefix}state.json"
-        if not path.exists() or not state_path.exists():
-            sys.exit(f"error: {path} not found: this two_level.py run has not trained its "
-                     f"priors yet; its two_level.py command with --out {folder} trains them "
-                     f"(it resumes a run cut short).")
-        if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
-            sys.exit(f"error: {folder / 'best.keras'} changed after {path.name} was trained on "
-                     f"its codes: use the run's two_level.py command with a new --out.")
-        priors.append(load_checkpoint(path, PixelCNNPrior))
+    command = f"its two_level.py command with --out {folder}"
+    priors = [tied_prior(folder, prefix, f"this two_level.py run has not trained its priors "
+                         f"yet: {command} trains them (it resumes a run cut short).",
+                         f"delete its {prefix}* files and run {command} again to train a new "
+                         f"one for it.") for prefix in ("top_prior_", "bottom_prior_")]
     styles = config["style_classes"]
-    generator = vqvae2.TwoLevelGenerator(
-        vqvae, *priors, vqvae2.StyleClasses.from_config(styles) if styles else None)
+    try:
+        generator = vqvae2.TwoLevelGenerator(
+            vqvae, *priors, vqvae2.StyleClasses.from_config(styles) if styles else None)
+    except ValueError as error:  # run.json's style classes and the top prior disagree
+        sys.exit(f"error: {folder / 'run.json'} does not fit {folder / 'top_prior_best.keras'} "
+                 f"({error}): run {command} again to rewrite it.")
     return generator, generator, config
+
+
+def tied_prior(folder, prefix, missing, changed):
+    """{prefix}best.keras of a run, checked to have learned the codes of the run's best.keras
+    (the fingerprint in {prefix}state.json); a clear exit saying `missing` or `changed`."""
+    path, state_path = folder / f"{prefix}best.keras", folder / f"{prefix}state.json"
+    if not path.exists() or not state_path.exists():
+        sys.exit(f"error: {path} not found: {missing}")
+    if read_json(state_path).get("vqvae_sha256") != file_sha256(folder / "best.keras"):
+        sys.exit(f"error: {folder / 'best.keras'} changed after {path.name} was trained on its "
+                 f"codes: {changed}")
+    return load_checkpoint(path, PixelCNNPrior)
 
 
 def test_folder(args, config):
@@ -298,6 +311,7 @@ def evaluate(args, model, config):
         "ssim": metrics.summarise(ssim), "psnr_db": metrics.summarise(psnr),
         "foreground_psnr_db": metrics.summarise(foreground_psnr(images, reconstructions)),
         "codebook_usage": float(usage), "perplexity": float(perplexity),
+        "codes": "bottom level" if isinstance(model, vqvae2.TwoLevelVQVAE) else "the one level",
         "codebook_size": model.codebook_size, "images_per_second": per_second,
         "device": device(),
     }
@@ -310,8 +324,8 @@ def evaluate(args, model, config):
         stats = report[key]
         print(f"  {key:<19} mean {stats['mean']:.4f}  median {stats['median']:.4f}  "
               f"p5 {stats['p5']:.4f}  min {stats['min']:.4f}")
-    print(f"  codebook usage {usage:.1%} of {model.codebook_size} codes, perplexity "
-          f"{perplexity:.1f}, {per_second:.1f} images/s on {report['device']}")
+    print(f"  codebook usage ({report['codes']}) {usage:.1%} of {model.codebook_size} codes, "
+          f"perplexity {perplexity:.1f}, {per_second:.1f} images/s on {report['device']}")
     print(f"wrote {out / 'report.json'}, {min(args.examples, len(images))} comparisons and "
           f"comparison_grid.png")
 
@@ -375,7 +389,7 @@ def sampling_temperatures(args, two_level):
     if len(given) == 2 and not two_level:
         sys.exit(f"error: --temperature {' '.join(map(str, given))}: a train.py run has one "
                  f"prior, so give one temperature (two, TOP BOTTOM, are for a two_level.py run).")
-    return float(given[0]), float(given[-1])
+    return vqvae2.top_and_bottom(given)
 
 
 def load_images(paths, image_size, batch_size):

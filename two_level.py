@@ -107,10 +107,10 @@ def parse_args(argv=None):
         parser.error(f"--prior-dropout must be at least 0 and below 1, got {args.prior_dropout}")
     if args.style_bins < 0:
         parser.error(f"--style-bins must be 0 (none) or more, got {args.style_bins}")
-    if len(args.temperature) > 2 or not all(0 < t < 100 for t in args.temperature):
-        parser.error(f"--temperature takes one or two (TOP BOTTOM) positive numbers below 100, "
-                     f"got {' '.join(map(str, args.temperature))}")
-    args.temperature = [args.temperature[0], args.temperature[-1]]  # one value: both priors
+    try:
+        args.temperature = list(vqvae2.top_and_bottom(args.temperature))
+    except ValueError as error:
+        parser.error(str(error))
     if args.generate == 1 or args.generate < 0:
         parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
     return args
@@ -312,14 +312,19 @@ def run(args, out):
 
 def record_run(args, out, classes):
     """run.json: what predict.py needs to load this run (as train.py's config.json gives it):
-    the splits, the precision it ran in, and the style classes the top prior was trained on."""
+    the splits, the precision it ran in (the first call's, kept: a later call on a machine
+    without bfloat16 does not train a finished stage), and the style classes the top prior was
+    trained on."""
     folder = lambda name: str(Path(name).resolve())  # noqa: E731
+    path = out / "run.json"
+    precision = ((read_json(path).get("precision") if path.exists() else None)
+                 or keras.mixed_precision.global_policy().name)
     write_json({"model": "two_level",
                 "train": {"image_size": args.image_size, "skip_bad_files": False},
                 "splits": {"train": folder(args.train_dir), "validate": folder(args.val_dir),
                            "test": folder(args.test_dir or args.val_dir)},
-                "precision": keras.mixed_precision.global_policy().name,
-                "style_classes": classes.get_config() if classes else None}, out / "run.json")
+                "precision": precision,
+                "style_classes": classes.get_config() if classes else None}, path)
 
 
 if __name__ == "__main__":

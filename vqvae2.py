@@ -1,7 +1,7 @@
 """The two-level code of VQ-VAE-2 (Razavi et al. 2019): a top map that a top prior draws for
 the layout, and a bottom map for the detail, drawn by a second prior conditioned on the top
-map (two_level.py trains and measures them). Shapes for 256 x 256 slices, W channels, D code
-dim:
+map (two_level.py trains them, predict.py measures them). Shapes for 256 x 256 slices, W
+channels, D code dim:
 
     images (B, 256, 256, 1) -> bottom encoder -> features (B, 64, 64, W)
     features -> top encoder -> quantizer -> z_q top (B, 32, 32, D), top codes (B, 32, 32)
@@ -28,6 +28,15 @@ from modules import PACKAGE, Decoder, Encoder, ResidualBlock, VectorQuantizer
 # the top prior's and the bottom prior's sampling temperatures unless given (two_level.py,
 # predict.py): a cooler top map (README, "A cooler top prior")
 TEMPERATURES = (0.7, 1.0)
+
+
+def top_and_bottom(temperatures):
+    """--temperature's values -> (the top prior's, the bottom prior's): one value sets both. A
+    ValueError saying what is wrong unless they are one or two positive numbers below 100."""
+    if not 1 <= len(temperatures) <= 2 or not all(0 < t < 100 for t in temperatures):
+        raise ValueError(f"--temperature takes one or two (TOP BOTTOM) positive numbers below "
+                         f"100, got {' '.join(map(str, temperatures))}")
+    return float(temperatures[0]), float(temperatures[-1])
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -144,6 +153,7 @@ class StyleClasses:
 
     @classmethod
     def from_config(cls, config):
+        """The StyleClasses that get_config described, without the training styles."""
         classes = cls.__new__(cls)
         classes.bins, classes.edges = config["bins"], np.array(config["edges"], np.float64)
         classes.frequencies = np.array(config["frequencies"], np.float64)

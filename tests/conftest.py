@@ -24,6 +24,16 @@ TINY = ["--purpose", "reconstruct", "--image-size", "32", "--width", "8", "--cod
         "--prior-batch-size", "8"]
 
 
+def tiny_experiment(tmp_path):
+    """two_level.py's flags for a tiny run on folders of 32-px slices written here."""
+    train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
+    val_dir = write_slices(tmp_path / "validate", 8, seed=1, size=32)
+    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir),
+            "--out", str(tmp_path / "out"), "--image-size", "32", "--width", "8",
+            "--code-dim", "4", "--codebook-size", "16", "--batch-size", "8",
+            "--top-prior", "8", "2", "3", "--bottom-prior", "8", "2", "3"]
+
+
 def fake_slice(rng, size=40):
     """A bright ellipse with texture on a black background, a little like a brain slice."""
     rows, cols = np.mgrid[:size, :size] / size - 0.5

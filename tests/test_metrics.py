@@ -73,8 +73,8 @@ def test_brain_histogram_gives_the_fractions_of_brain_pixels_per_intensity_bin()
 def test_dark_islands_count_the_dark_spots_the_brain_encloses():
     """A square brain of 40 x 40 pixels at 0.7: three dark 2x2 spots inside count, and a dark
     hole below the brain threshold (a ventricle), but not a 1-pixel spot (too small), nor a
-    dark sulcus that opens onto the background, nor a spot beside it that it reaches; an
-    empty slice is left out of the mean."""
+    dark sulcus that opens onto the background, nor a spot beside it that it reaches, nor a
+    dark notch at the image's edge; an empty slice is left out of the mean."""
     slices = np.zeros((3, 64, 64, 1), np.float32)
     slices[:2, 10:50, 10:50] = 0.7
     for row, col in ((15, 15), (15, 40), (40, 20)):
@@ -83,6 +83,8 @@ def test_dark_islands_count_the_dark_spots_the_brain_encloses():
     slices[0, 25, 25] = 0.1                                # too small
     slices[0, 10:28, 44] = 0.3                             # a sulcus from the edge ...
     slices[0, 27:29, 45:47] = 0.2                          # ... and a spot it touches
+    slices[1, 0:50, 30:50] = 0.7                           # a brain reaching the image's edge,
+    slices[1, 0:3, 35:37] = 0.3                            # with a dark notch there: not enclosed
     rate = 4 / (40 * 40) * 10_000
     assert metrics.dark_islands(slices[:1]) == pytest.approx(rate)
     assert metrics.dark_islands(slices[1:]) == 0.0          # a smooth brain, and an empty slice

@@ -164,7 +164,7 @@ def test_too_few_test_slices_are_refused_before_sampling(trained_run, tmp_path):
 def test_generate_refuses_a_vqvae_that_changed_under_its_prior(trained_run, tmp_path):
     out = copy_run(trained_run, tmp_path / "run")
     change_best_vqvae(out)
-    with pytest.raises(SystemExit, match="best.keras changed after the prior was trained"):
+    with pytest.raises(SystemExit, match="best.keras changed after prior_best.keras was trained"):
         predict.main(["--checkpoint", str(out), "--generate", "2", "--no-metrics",
                       "--out", str(tmp_path / "gen")])
 
@@ -209,47 +209,73 @@ def test_predict_names_a_bad_run_file_and_what_is_wrong(trained_run, tmp_path, f
         predict.main(["--checkpoint", str(out), "--out", str(tmp_path / "p"), *argv])
 
 
-def test_a_two_level_run_is_read_as_a_train_py_run_is(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize("style_bins", [2, 0])
+def test_a_two_level_run_is_read_as_a_train_py_run_is(tmp_path, capsys, style_bins):
     """--checkpoint on a two_level.py --out: the test split it recorded (its validation
-    folder) reconstructed; samples drawn by its TwoLevelGenerator with the style classes of
-    its training slices, at the two-level default temperatures (the very slices the
-    generator draws itself), measured with both levels' bits; a run made before run.json says
-    how to write it, and its two_level.py command does. Two temperatures are refused for a
-    train.py run, which has one prior."""
+    folder) reconstructed, from best.keras or last.keras; samples drawn by its
+    TwoLevelGenerator (with the style classes of its training slices, if styled), at the
+    two-level default temperatures, or with --top-k in both priors: the very slices the
+    generator draws itself, measured with both levels' bits. A run made before run.json says
+    how to write it, and its two_level.py command does."""
     import metrics
     import two_level
     import vqvae2
-    from test_two_level import tiny_experiment
+    from conftest import tiny_experiment
     out, argv = tmp_path / "out", tiny_experiment(tmp_path) + [
-        "--minutes", "0.001", "0.001", "0.001", "--style-bins", "2", "--generate", "0"]
+        "--minutes", "0.001", "0.001", "0.001", "--style-bins", str(style_bins),
+        "--generate", "0"]
     two_level.main(argv)
-    predict.main(["--checkpoint", str(out)])
-    report = strict_json(out / "predict" / "report.json")
-    assert report["images"] == 8 and 0 < report["ssim"]["mean"] <= 1
-    train_images = predict.load_images(dataset.list_images(tmp_path / "train"), 32, 8)
-    fitted = vqvae2.StyleClasses(metrics.brain_styles(train_images), 2)
+    for weights in ("best", "last"):
+        predict.main(["--checkpoint", str(out), "--weights", weights, "--out",
+                      str(tmp_path / weights)])
+        report = strict_json(tmp_path / weights / "report.json")
+        assert report["images"] == 8 and 0 < report["ssim"]["mean"] <= 1
+        assert report["codes"] == "bottom level"
     recorded = strict_json(out / "run.json")["style_classes"]
-    np.testing.assert_allclose(recorded["edges"], fitted.edges)
-    np.testing.assert_allclose(recorded["frequencies"], fitted.frequencies)
     predict.main(["--checkpoint", str(out), "--generate", "4"])
     generated = strict_json(out / "generate" / "generation_report.json")
     assert generated["temperature"] == {"top": 0.7, "bottom": 1.0}
-    assert generated["style_classes"] == 4 and generated["code_maps"] == [[4, 4], [8, 8]]
+    assert generated["style_classes"] == style_bins ** 2
+    assert generated["code_maps"] == [[4, 4], [8, 8]]
     assert generated["metrics"]["bits_per_test_slice"] > 0
     assert "by level: top" in capsys.readouterr().out
     generator = predict.load_generator(out)[0]
-    train_styles = metrics.brain_styles(train_images)  # the loaded classes are the fitted ones
-    np.testing.assert_array_equal(generator.styles(train_styles), fitted(train_styles))
-    assert generator.styles.count == 4
-    drawn = generator.decode_all(generator.sampler(4, 1.0, 0, top_temperature=0.7)())
-    saved = np.stack([np.asarray(Image.open(out / "generate" / f"sample_{n:03d}.png"))
-                      for n in range(4)])
-    np.testing.assert_array_equal(saved, (drawn[..., 0] * 255).round().astype(np.uint8))
+    if style_bins:  # the loaded classes are those of the training slices
+        train_images = predict.load_images(dataset.list_images(tmp_path / "train"), 32, 8)
+        train_styles = metrics.brain_styles(train_images)
+        fitted = vqvae2.StyleClasses(train_styles, style_bins)
+        np.testing.assert_allclose(recorded["edges"], fitted.edges)
+        np.testing.assert_allclose(recorded["frequencies"], fitted.frequencies)
+        np.testing.assert_array_equal(generator.styles(train_styles), fitted(train_styles))
+        assert generator.styles.count == 4
+    else:
+        assert recorded is None and generator.styles is None
+    predict.main(["--checkpoint", str(out), "--generate", "4", "--top-k", "3", "--no-metrics",
+                  "--out", str(tmp_path / "top3")])
+    for folder, top_k in ((out / "generate", 0), (tmp_path / "top3", 3)):
+        drawn = generator.decode_all(generator.sampler(4, 1.0, 0, top_k, top_temperature=0.7)())
+        saved = np.stack([np.asarray(Image.open(folder / f"sample_{n:03d}.png"))
+                          for n in range(4)])
+        np.testing.assert_array_equal(saved, (drawn[..., 0] * 255).round().astype(np.uint8))
     (out / "run.json").unlink()
     with pytest.raises(SystemExit, match="run.json not found.*--generate 0"):
         predict.main(["--checkpoint", str(out), "--generate", "4"])
     two_level.main(argv)
     assert strict_json(out / "run.json")["style_classes"] == recorded
+
+
+def test_temperature_takes_one_value_or_top_bottom_for_a_two_level_run(trained_run, tmp_path,
+                                                                        capsys):
+    """One positive value for a train.py run (kept in the report as a number); two, or three,
+    are refused, as is one not above 0."""
+    predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--no-metrics",
+                  "--temperature", "0.9", "--out", str(tmp_path / "one")])
+    assert strict_json(tmp_path / "one" / "generation_report.json")["temperature"] == 0.9
     with pytest.raises(SystemExit, match="a train.py run has one prior"):
         predict.main(["--checkpoint", str(trained_run), "--generate", "2", "--no-metrics",
-                      "--temperature", "0.7", "1", "--out", str(tmp_path / "one")])
+                      "--temperature", "0.7", "1", "--out", str(tmp_path / "two")])
+    for bad in (["0.7", "1", "1"], ["0"]):
+        with pytest.raises(SystemExit):
+            predict.parse_args(["--generate", "2", "--temperature", *bad])
+        assert "--temperature takes one or two (TOP BOTTOM) positive numbers" in (
+            capsys.readouterr().err)

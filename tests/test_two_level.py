@@ -9,22 +9,13 @@ import pytest
 
 import two_level
 import vqvae2
-from conftest import write_slices
+from conftest import tiny_experiment
 from vqvae2 import TwoLevelVQVAE
 
 
-def tiny_experiment(tmp_path):
-    train_dir = write_slices(tmp_path / "train", 16, seed=0, size=32)
-    val_dir = write_slices(tmp_path / "validate", 8, seed=1, size=32)
-    return ["--train-dir", str(train_dir), "--val-dir", str(val_dir),
-            "--out", str(tmp_path / "out"), "--image-size", "32", "--width", "8",
-            "--code-dim", "4", "--codebook-size", "16", "--batch-size", "8",
-            "--top-prior", "8", "2", "3", "--bottom-prior", "8", "2", "3"]
-
-
 def test_the_experiment_trains_three_stages_and_measures_the_samples(tmp_path, monkeypatch):
-    """Each stage trains for one epoch (its time limit), the samples are measured like
-    predict.py's (drawn at the default temperatures: the bottom prior's, then the top's), and
+    """Each stage trains for one epoch (its time limit), the samples are drawn and measured by
+    predict.py --generate (at the default temperatures: the bottom prior's, then the top's), and
     a second call loads the finished stages instead of training again. With --schedule
     constant no stage logs a learning rate: no schedule ran."""
     out = tmp_path / "out"

@@ -74,7 +74,8 @@ def test_the_generator_packs_both_levels_and_scores_every_code():
 def test_the_top_map_has_its_own_temperature():
     """sampler(..., top_temperature): the top prior draws at it, the bottom prior at
     `temperature` (the same maps as each prior's own sampler with those seeds draws, and not
-    those of the other temperature); without it both share `temperature`."""
+    those of the other temperature); without it both share `temperature`; top_k reaches
+    both priors."""
     model = make_model()
     top_prior, bottom_prior = make_priors()
     generator = vqvae2.TwoLevelGenerator(model, top_prior, bottom_prior)
@@ -85,6 +86,10 @@ def test_the_top_map_has_its_own_temperature():
     assert (bottom != bottom_prior.sampler(8, 0.3, 4)(top).numpy()).any()
     np.testing.assert_array_equal(generator.sampler(8, 1.5, 3, top_temperature=1.5)(),
                                   generator.sampler(8, 1.5, 3)())
+    top, bottom, _ = generator.unpack(generator.sampler(8, 1.5, 3, 2, top_temperature=0.3)())
+    np.testing.assert_array_equal(top, top_prior.sampler(8, 0.3, 3, 2)().numpy())  # top-k 2
+    np.testing.assert_array_equal(bottom, bottom_prior.sampler(8, 1.5, 4, 2)(top).numpy())
+    assert (bottom != bottom_prior.sampler(8, 1.5, 4)(top).numpy()).any()  # in both priors
 
 
 def test_style_classes():
