@@ -254,9 +254,8 @@ def dark_islands(images, threshold=DARK, min_pixels=ISLAND_PIXELS):
     (N, H, W, 1) that have any brain: the connected regions (4-neighbours) of pixels below
     `threshold`, of at least `min_pixels`, that touch nothing outside the brain's outline (its
     pixels above BRAIN_THRESHOLD, holes filled) nor the image's edge. A real slice's sulci
-    open onto the dark
-    around the brain, so its islands are the ventricles and sulci cut across; white matter
-    mottled with dark dots, as the eye sees in samples, has many more."""
+    open onto the dark around the brain, so its islands are the ventricles and sulci cut
+    across; white matter mottled with dark dots, as the eye sees in samples, has many more."""
     rates = []
     for image in np.asarray(images)[..., 0]:
         brain = ndimage.binary_fill_holes(image > BRAIN_THRESHOLD)

@@ -163,8 +163,9 @@ def load_two_level_generator(folder):
     command = f"its two_level.py command with --out {folder}"
     priors = [tied_prior(folder, prefix, f"this two_level.py run has not trained its priors "
                          f"yet: {command} trains them (it resumes a run cut short).",
-                         f"delete its {prefix}* files and run {command} again to train a new "
-                         f"one for it.") for prefix in ("top_prior_", "bottom_prior_")]
+                         f"delete its *_prior_* files (both priors learned the old codes) and "
+                         f"run {command} again to train new ones.")
+              for prefix in ("top_prior_", "bottom_prior_")]
     styles = config["style_classes"]
     try:
         generator = vqvae2.TwoLevelGenerator(

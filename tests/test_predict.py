@@ -231,6 +231,7 @@ def test_a_two_level_run_is_read_as_a_train_py_run_is(tmp_path, capsys, style_bi
         report = strict_json(tmp_path / weights / "report.json")
         assert report["images"] == 8 and 0 < report["ssim"]["mean"] <= 1
         assert report["codes"] == "bottom level"
+        assert report["checkpoint"].endswith(f"{weights}.keras")
     recorded = strict_json(out / "run.json")["style_classes"]
     predict.main(["--checkpoint", str(out), "--generate", "4"])
     generated = strict_json(out / "generate" / "generation_report.json")
@@ -262,6 +263,10 @@ def test_a_two_level_run_is_read_as_a_train_py_run_is(tmp_path, capsys, style_bi
         predict.main(["--checkpoint", str(out), "--generate", "4"])
     two_level.main(argv)
     assert strict_json(out / "run.json")["style_classes"] == recorded
+    kept = {**strict_json(out / "run.json"), "precision": "mixed_bfloat16"}  # as trained
+    (out / "run.json").write_text(json.dumps(kept))
+    two_level.main(argv)  # on any machine: the first call's precision stays
+    assert strict_json(out / "run.json") == kept
 
 
 def test_temperature_takes_one_value_or_top_bottom_for_a_two_level_run(trained_run, tmp_path,

@@ -88,6 +88,7 @@ def test_the_top_map_has_its_own_temperature():
                                   generator.sampler(8, 1.5, 3)())
     top, bottom, _ = generator.unpack(generator.sampler(8, 1.5, 3, 2, top_temperature=0.3)())
     np.testing.assert_array_equal(top, top_prior.sampler(8, 0.3, 3, 2)().numpy())  # top-k 2
+    assert (top != top_prior.sampler(8, 0.3, 3)().numpy()).any()  # top-k made a difference
     np.testing.assert_array_equal(bottom, bottom_prior.sampler(8, 1.5, 4, 2)(top).numpy())
     assert (bottom != bottom_prior.sampler(8, 1.5, 4)(top).numpy()).any()  # in both priors
 
