@@ -84,10 +84,12 @@ def by_level(baseline, train_codes, test_codes, codebook_size, levels):
                             weights=[test[:, level].shape[1] for level in levels]))
 
 
-def prior_bits(prior, codes, batch_size=32):
-    """Mean bits per code of the code maps (N, h, w) under the prior."""
-    total = sum(float(prior.bits_per_code(codes[i:i + batch_size])) * len(codes[i:i + batch_size])
-                for i in range(0, len(codes), batch_size))
+def prior_bits(prior, codes, batch_size=32, measure=None):
+    """Mean bits per code of the code maps (N, h, w) under the prior, in batches; or the mean
+    of `measure(batch)` (e.g. a two-level generator's level_bits, one number per level)."""
+    measure = measure or prior.bits_per_code
+    total = sum(np.asarray(measure(codes[i:i + batch_size]), np.float64)
+                * len(codes[i:i + batch_size]) for i in range(0, len(codes), batch_size))
     return total / len(codes)
 
 
@@ -292,9 +294,15 @@ def sample_report(prior, vqvae, samples, real, test, other_picks, train, seed=0,
                in (("samples", samples), ("real_test", real),
                    ("test_reconstructions", reconstructions))}
     baseline = lambda bits: by_level(bits, train_codes, test_codes, K, levels)  # noqa
+    if hasattr(prior, "level_bits"):  # two levels: each prior scored once, on its own level
+        level_nll = prior_bits(prior, test_codes, measure=prior.level_bits)
+        prior_nll = float(prior.over_levels(*level_nll))
+        per_level = two_level_bits(prior, level_nll)
+    else:
+        prior_nll, per_level = float(prior_bits(prior, test_codes)), {}
     result = {
         "images_compared": n,
-        "bits_per_test_code": {"prior": prior_bits(prior, test_codes),
+        "bits_per_test_code": {"prior": prior_nll,
                                "unigram": baseline(unigram_bits),
                                "position_unigram": baseline(position_unigram_bits),
                                "uniform": float(np.log2(K))},
@@ -320,9 +328,7 @@ def sample_report(prior, vqvae, samples, real, test, other_picks, train, seed=0,
         result["frechet_distance" + suffix], result["frechet_mean_term" + suffix] = (
             frechet_rows(prepare(real), {name: prepare(images) for name, images
                                          in compared.items()}, network_seed))
-    if hasattr(prior, "level_bits"):  # two levels (vqvae2.TwoLevelGenerator)
-        result |= two_level_bits(prior, test_codes)
-    return result
+    return result | per_level
 
 
 FRECHET_ROWS = (  # (report key suffix, feature network seed, images prepared by, label)
@@ -381,13 +387,10 @@ def print_report(result):
                       for name, h in result["brain_histogram"].items() if name != "bins"))
 
 
-def two_level_bits(generator, codes, batch_size=32):
-    """The priors' bits per code of a two-level generator's packed `codes`, level by level,
-    and per slice (to set beside a one-level prior's bits per code x its codes)."""
-    chunks = [codes[i:i + batch_size] for i in range(0, len(codes), batch_size)]
-    levels = np.average([generator.level_bits(chunk) for chunk in chunks], axis=0,
-                        weights=[len(chunk) for chunk in chunks])
-    return {"bits_per_test_code_by_level": dict(zip(("top", "bottom"), levels.tolist())),
+def two_level_bits(generator, levels):
+    """A two-level generator's bits per (top, bottom) test code -> the report's entries: by
+    level, and per slice (to set beside a one-level prior's bits per code x its codes)."""
+    return {"bits_per_test_code_by_level": dict(zip(("top", "bottom"), map(float, levels))),
             "bits_per_test_slice": float(levels[0] * np.prod(generator.top_shape)
                                          + levels[1] * np.prod(generator.bottom_shape))}
 

@@ -225,7 +225,10 @@ class TwoLevelGenerator:
                 float(self.bottom_prior.bits_per_code(bottom, top)))
 
     def bits_per_code(self, packed):
-        top_bits, bottom_bits = self.level_bits(packed)
+        return self.over_levels(*self.level_bits(packed))
+
+    def over_levels(self, top_bits, bottom_bits):
+        """Bits per top code and per bottom code -> bits per code over every code of both."""
         top_count, bottom_count = np.prod(self.top_shape), np.prod(self.bottom_shape)
         return (top_bits * top_count + bottom_bits * bottom_count) / (top_count + bottom_count)
 
