@@ -288,16 +288,17 @@ class Checkpoints(keras.callbacks.Callback):
 
 @contextlib.contextmanager
 def holding_run_lock(out):
-    """One train.py at a time per run folder (a second would delete the first one's temporary
-    files and interleave their epochs). An OS lock: a killed process releases it."""
+    """One training process at a time per run folder, train.py or two_level.py (a second would
+    delete the first one's temporary files and interleave their epochs). An OS lock: a killed
+    process releases it."""
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / ".lock", "w") as handle:
         if fcntl is not None:  # POSIX; on Windows the folder is not locked
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                sys.exit(f"error: another train.py is running on {out}: wait for it to end, or "
-                         f"stop it, or give another --out.")
+                sys.exit(f"error: another train.py or two_level.py is running on {out}: wait "
+                         f"for it to end, or stop it, or give another --out.")
         yield
 
 

@@ -4,11 +4,13 @@ style class drawn first: --style-bins), then a bottom prior conditioned on them.
 
     python two_level.py --train-dir ../shared/data/brain-slices/train \\
         --val-dir ../shared/data/brain-slices/validate --out out/two_level
+    python two_level.py --data ROOT --out out/two_level     # an OASIS folder, as train.py's
 
 trains the three stages one after the other, each to its time limit (--minutes, 40 30 20
 by default: 90 in all; by --schedule cosine its learning rate falls to 0 at that limit; a
 stage already finished in --out is loaded, one cut short resumes, and
-one given --minutes above those it used trains on),
+one given --minutes above those it used trains on; Ctrl-C or SIGTERM stops at the next batch,
+and the same command resumes; one run at a time trains in an --out),
 then draws --generate slices (the top maps cooler than the bottom: --temperature) and
 measures them into generate/generation_report.json by `predict.py --generate`, which reads the
 run from --out (run.json) as it reads a train.py run:
@@ -19,6 +21,8 @@ run from --out (run.json) as it reads a train.py run:
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,8 +37,10 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from monitor import (Checkpoints, CosineOverTime, WallClock, file_sha256,  # noqa: E402
-                     load_checkpoint, read_json, remove_leftovers, trim_log, write_json)
+from monitor import (Checkpoints, CosineOverTime, Interrupted, StopOnSignal,  # noqa: E402
+                     WallClock, catching_stop_signals, file_sha256, finish_saves,
+                     holding_run_lock, load_checkpoint, read_json, remove_leftovers,
+                     stop_signal_received, trim_log, write_json)
 from prior import PixelCNNPrior  # noqa: E402
 import vqvae2  # noqa: E402
 from vqvae2 import StyleClasses, TwoLevelVQVAE  # noqa: E402
@@ -43,13 +49,16 @@ from vqvae2 import StyleClasses, TwoLevelVQVAE  # noqa: E402
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train-dir", required=True, help="folder of training slices")
-    parser.add_argument("--val-dir", required=True, help="folder of validation slices")
+    parser.add_argument("--data", default="", help="instead of the three folders below: an "
+                        "OASIS folder, keras_png_slices_data or the folder that holds it (as "
+                        "train.py's --data), for its train, validate and (if there) test splits")
+    parser.add_argument("--train-dir", default="", help="folder of training slices")
+    parser.add_argument("--val-dir", default="", help="folder of validation slices")
     parser.add_argument("--test-dir", default="", help="slices the samples are measured "
-                        "against (default: --val-dir)")
+                        "against (default: --data's test split, else --val-dir)")
     parser.add_argument("--out", default="out/two_level", help="output folder")
     parser.add_argument("--minutes", type=float, nargs=3, metavar=("FIRST", "TOP", "BOTTOM"),
-                        default=argparse.SUPPRESS,  # so that run() knows they were given
+                        default=argparse.SUPPRESS,  # so that parse_args knows if given
                         help=f"time limits of the first stage, the top prior and the bottom "
                              f"prior (as train.py's --time-limit, 0: none; default "
                              f"{' '.join(map(str, MINUTES))}); given, a finished stage with "
@@ -113,7 +122,25 @@ def parse_args(argv=None):
         parser.error(str(error))
     if args.generate == 1 or args.generate < 0:
         parser.error("--generate must be 0 (none) or at least 2 (the metrics compare sets)")
+    try:
+        choose_folders(args)
+    except ValueError as error:  # dataset.DataError too
+        parser.error(str(error))
     return args
+
+
+def choose_folders(args):
+    """Fill --train-dir, --val-dir (and --test-dir, unless given) from --data's OASIS splits;
+    a ValueError unless the slices were given one way."""
+    if args.data and (args.train_dir or args.val_dir):
+        raise ValueError("give --data ROOT or --train-dir and --val-dir, not both")
+    if args.data:
+        splits = dataset.oasis_split_dirs(args.data, need_test=False)
+        args.train_dir, args.val_dir = str(splits["train"]), str(splits["validate"])
+        args.test_dir = args.test_dir or (str(splits["test"]) if splits["test"] else "")
+    elif not (args.train_dir and args.val_dir):
+        raise ValueError("give the slices: --data ROOT (an OASIS keras_png_slices_data folder), "
+                         "or --train-dir and --val-dir (folders of slices)")
 
 
 def room_to_train(state, minutes):
@@ -151,6 +178,7 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
     its limit allows (reopen_if_given_time); with anneal, the learning rate follows
     CosineOverTime. A prior is `tied_to` the first stage's
     best.keras: if that file changed, the run is refused. -> the stage's best model."""
+    stop_if_signalled()  # one that came between two stages
     state_path = out / f"{prefix}state.json"
     state = read_json(state_path) if state_path.exists() else {}
     fingerprint = file_sha256(tied_to) if tied_to else None
@@ -173,7 +201,8 @@ def fit_stage(out, prefix, build, make_data, minutes, describe, kind, tied_to=No
         callbacks = [clock, *schedule,
                      keras.callbacks.CSVLogger(str(log), append="epochs_done" in state),
                      keras.callbacks.TerminateOnNaN(),
-                     Checkpoints(out, state, prefix, monitor, kind is TwoLevelVQVAE, log=log)]
+                     Checkpoints(out, state, prefix, monitor, kind is TwoLevelVQVAE, log=log),
+                     StopOnSignal()]  # last: it may stop right after an epoch is saved
         if room_to_train(state, minutes):
             train.fit(model, *make_data(state.get("epochs_done", 0)), EPOCHS, state,
                       callbacks, loss, "learning rate")
@@ -231,21 +260,61 @@ def build_prior(size, grid, codebook_size, dropout, condition=(0, 0)):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    draw = ["--checkpoint", str(out), "--generate", str(args.generate), "--temperature",
+            *map(str, args.temperature), "--seed", str(args.seed), "--batch-size",
+            str(args.batch_size)]  # predict.py's arguments: it draws and measures samples
+    with holding_run_lock(out):  # one run at a time in --out, until its samples are drawn
+        with catching_stop_signals():  # Ctrl-C or SIGTERM: stop at the next batch
+            try:
+                train_stages(args, out)
+            except dataset.DataError as error:
+                sys.exit(f"error: {error}")
+            except (Interrupted, KeyboardInterrupt) as stop:  # a signal, or a second at once
+                for name in (signal.SIGINT, signal.SIGTERM):  # a third must not cut this short
+                    signal.signal(name, signal.SIG_IGN)  # (until catching_stop_signals ends)
+                finish_saves(out)  # a second signal may have stopped a commit half-way
+                sys.exit(stop_message(out, str(stop) or stop_signal_received() or "Ctrl-C",
+                                      argv, draw if args.generate else None))
+        if args.generate:
+            try:
+                predict.main(draw)
+            except KeyboardInterrupt:  # sampling is not a training stage: it just stops
+                sys.exit(f"stopped while drawing the samples; every stage is saved in {out}. "
+                         f"Draw them with:\n  {shlex.join(['python', 'predict.py', *draw])}")
+
+
+def stop_message(out, signal_name, argv, draw):
+    """What a run stopped by a signal has saved, and the command that goes on from there:
+    `argv` again to resume training, or `draw` (predict.py's arguments, or None) once every
+    stage is done."""
+    stopped = f"stopped by {signal_name}"
+    states = [out / f"{prefix}state.json" for prefix in ("", "top_prior_", "bottom_prior_")]
+    if all(path.exists() and read_json(path).get("finished") for path in states):
+        return f"{stopped}: every stage is trained and saved in {out}" + (
+            f". Draw the samples with:\n  {shlex.join(['python', 'predict.py', *draw])}"
+            if draw else ".")
+    done = [f"{read_json(path).get('epochs_done', 0)} of the {name}" for path, name in zip(
+        states, ("first stage", "top prior", "bottom prior")) if path.exists()]
+    return (f"{stopped}: epochs saved in {out}: {', '.join(done) or 'none'}; the epoch in "
+            f"progress (if any) was dropped. Resume with the same command:\n"
+            f"  {shlex.join(['python', 'two_level.py', *argv])}")
+
+
+def stop_if_signalled():
+    """Stop at once if a stop signal came outside an epoch (encoding takes a minute)."""
+    if stop_signal_received():
+        raise Interrupted(stop_signal_received())
+
+
+def train_stages(args, out):
+    """The three stages, each trained, resumed or loaded as its state says."""
     remove_leftovers(out)  # what a killed run was writing
     check_same_model(args, out)
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(train.choose_precision("auto"))
-    try:
-        run(args, out)
-    except dataset.DataError as error:
-        sys.exit(f"error: {error}")
-
-
-def run(args, out):
-    """The three stages, then the samples and their measures."""
     paths = {split: dataset.list_images(folder) for split, folder in
              (("train", args.train_dir), ("validate", args.val_dir),
               ("test", args.test_dir or args.val_dir))}
@@ -276,6 +345,7 @@ def run(args, out):
     def noting_styles(split):  # each batch's brain_styles, as the batch goes by to be encoded
         for batch in dataset.load_split(paths[split], args.image_size, 64):
             styles[split].append(metrics.brain_styles(batch.numpy()))
+            stop_if_signalled()
             yield batch
 
     codes = {split: vqvae.encode_all(noting_styles(split)) for split in styles}
@@ -304,10 +374,7 @@ def run(args, out):
                             (top_grid, K)),
         lambda seed: code_datasets(both_codes, args.prior_batch_size, args.seed + seed),
         args.minutes[2], bits, **tie)
-    if args.generate:  # as `predict.py --checkpoint OUT --generate N` draws and measures them
-        predict.main(["--checkpoint", str(out), "--generate", str(args.generate), "--temperature",
-                      *map(str, args.temperature), "--seed", str(args.seed),
-                      "--batch-size", str(args.batch_size)])
+    stop_if_signalled()  # after the last epoch: say so rather than draw samples
 
 
 def record_run(args, out, classes):

@@ -3,13 +3,21 @@ resumed and refused as their flags say, and the samples measured."""
 
 import csv
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import keras
 import pytest
 
+import monitor
 import two_level
 import vqvae2
-from conftest import tiny_experiment
+from conftest import tiny_experiment, write_slices
 from vqvae2 import TwoLevelVQVAE
 
 
@@ -185,3 +193,88 @@ def test_temperature_takes_one_for_both_priors_or_one_each(tmp_path, capsys):
             two_level.parse_args(argv + ["--temperature", *bad])
         assert f"--temperature takes one or two (TOP BOTTOM) positive numbers below 100, got " \
                f"{' '.join(str(float(value)) for value in bad)}" in capsys.readouterr().err
+
+
+def test_data_gives_the_oasis_splits_and_the_slices_are_given_one_way(oasis_root, tmp_path,
+                                                                    capsys):
+    """--data ROOT (keras_png_slices_data or the folder holding it) gives the three splits, the
+    samples measured against its test split unless --test-dir says otherwise, or against the
+    validation split where it has none; --data with the folders, or neither, is an error, and
+    so is a folder that is not an OASIS one."""
+    split = lambda root, name: str(root / f"keras_png_slices_{name}")  # noqa: E731
+    args = two_level.parse_args(["--data", str(oasis_root)])
+    assert [args.train_dir, args.val_dir, args.test_dir] == [
+        split(oasis_root, name) for name in ("train", "validate", "test")]
+    args = two_level.parse_args(["--data", str(oasis_root.parent), "--test-dir", "mine"])
+    assert args.train_dir == split(oasis_root, "train") and args.test_dir == "mine"
+    no_test = tmp_path / "keras_png_slices_data"
+    for name in ("train", "validate"):
+        write_slices(no_test / f"keras_png_slices_{name}", 2)
+    args = two_level.parse_args(["--data", str(no_test)])
+    assert args.val_dir == split(no_test, "validate") and args.test_dir == ""
+    for argv, message in (
+            (["--data", str(oasis_root), "--train-dir", "a", "--val-dir", "b"], "not both"),
+            (["--train-dir", "a"], "give the slices: --data ROOT"),
+            (["--data", str(tmp_path / "nowhere")], "does not exist")):
+        with pytest.raises(SystemExit):
+            two_level.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(monitor.fcntl is None, reason="the run lock is POSIX's flock")
+def test_a_second_run_in_the_same_out_is_refused(tmp_path):
+    """While one process trains in --out (train.py's or two_level.py's lock), another is
+    refused before it touches anything there."""
+    argv, out = tiny_experiment(tmp_path) + ["--generate", "0"], tmp_path / "out"
+    with monitor.holding_run_lock(out):
+        with pytest.raises(SystemExit, match="another train.py or two_level.py is running on"):
+            two_level.main(argv)
+    assert sorted(path.name for path in out.iterdir()) == [".lock"]
+
+
+def test_sigterm_stops_at_the_next_batch_and_the_same_command_resumes(tmp_path):
+    """A two_level.py process sent SIGTERM once its first stage saved an epoch exits with a
+    message that names what is saved and the command to resume with; nothing half-kept (every
+    logged epoch saved); that command (here with shorter limits) resumes the first stage from
+    its saved epochs and trains the rest. Stopped once every stage is done, the message gives
+    predict.py's command instead."""
+    argv = tiny_experiment(tmp_path) + ["--generate", "0", "--minutes", "3", "3", "3"]
+    out, logs = tmp_path / "out", [tmp_path / "stdout.txt", tmp_path / "stderr.txt"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+        process = subprocess.Popen([sys.executable, "two_level.py", *argv], env=env,
+                                   cwd=Path(two_level.__file__).parent, stdout=stdout,
+                                   stderr=stderr)
+    try:
+        deadline = time.time() + 180
+        while not ((out / "state.json").exists()
+                   and json.loads((out / "state.json").read_text())["epochs_done"] >= 1):
+            assert process.poll() is None, logs[1].read_text()
+            assert time.time() < deadline, "timed out"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 1, logs[1].read_text()
+    finally:
+        process.kill()  # only if a check above failed: it has exited otherwise
+    message = logs[1].read_text().strip().splitlines()
+    done = json.loads((out / "state.json").read_text())["epochs_done"]
+    assert f"stopped by SIGTERM: epochs saved in {out}: {done} of the first stage;" in message[-2]
+    assert message[-1].strip() == shlex.join(["python", "two_level.py", *argv])
+
+    def logged():
+        with open(out / "training_log.csv") as log:
+            return [int(row["epoch"]) for row in csv.DictReader(log)]
+
+    assert logged() == list(range(done))
+    assert not (out / "top_prior_state.json").exists()
+    saved = (out / "last.keras").read_bytes()
+    two_level.main(argv[:-4] + ["--minutes", "0.001", "0.001", "0.001"])
+    first = json.loads((out / "state.json").read_text())  # its time was up: loaded, not anew
+    assert first["epochs_done"] == done and logged() == list(range(done))
+    assert (out / "last.keras").read_bytes() == saved
+    for prefix in ("", "top_prior_", "bottom_prior_"):
+        assert json.loads((out / f"{prefix}state.json").read_text())["finished"]
+    draw = ["--checkpoint", str(out), "--generate", "16"]
+    assert two_level.stop_message(out, "SIGINT", argv, draw) == (
+        f"stopped by SIGINT: every stage is trained and saved in {out}. Draw the samples "
+        f"with:\n  python predict.py {shlex.join(draw)}")
