@@ -251,9 +251,11 @@ def main(argv=None):
         except dataset.DataError as error:
             sys.exit(f"error: {error}")
         except (Interrupted, KeyboardInterrupt) as stop:  # a signal, or a second one at once
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third must not cut this message
+            for name in (signal.SIGINT, signal.SIGTERM):  # a third must not cut this short
+                signal.signal(name, signal.SIG_IGN)
             finish_saves(config.out)  # a second signal may have stopped a commit half-way
-            sys.exit(f"stopped by {str(stop) or 'Ctrl-C'}: {saved_epochs(Path(run_out))}; "
+            stopped = str(stop) or stop_signal_received() or "Ctrl-C"  # the first one's name
+            sys.exit(f"stopped by {stopped}: {saved_epochs(Path(run_out))}; "
                      f"the epoch in progress was dropped. Resume with:\n"
                      f"  python train.py --resume --out {shlex.quote(run_out)}")
 

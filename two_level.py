@@ -318,6 +318,7 @@ def train_stages(args, out):
     paths = {split: dataset.list_images(folder) for split, folder in
              (("train", args.train_dir), ("validate", args.val_dir),
               ("test", args.test_dir or args.val_dir))}
+    stop_if_signalled()  # checking every file can take a while
     if args.generate and len(paths["test"]) < 4:
         folder = args.test_dir or args.val_dir
         sys.exit(f"error: the metrics need at least 4 test slices, {folder} has "

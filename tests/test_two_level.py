@@ -224,7 +224,7 @@ def test_data_gives_the_oasis_splits_and_the_slices_are_given_one_way(oasis_root
 @pytest.mark.skipif(monitor.fcntl is None, reason="the run lock is POSIX's flock")
 def test_a_second_run_in_the_same_out_is_refused(tmp_path):
     """While one process trains in --out (train.py's or two_level.py's lock), another is
-    refused before it touches anything there."""
+    refused before it touches anything there but the lock file."""
     argv, out = tiny_experiment(tmp_path) + ["--generate", "0"], tmp_path / "out"
     with monitor.holding_run_lock(out):
         with pytest.raises(SystemExit, match="another train.py or two_level.py is running on"):
