@@ -337,6 +337,17 @@ def stop_signal_received():
     return _stop_signals[0] if _stop_signals else None
 
 
+def settle_after_stop(out, stop):
+    """In a run's handler of Interrupted or KeyboardInterrupt (a second signal), inside
+    catching_stop_signals: ignore more signals until it ends (a third must not cut the message
+    short), finish a commit that a second signal stopped half-way, and return the first
+    signal's name."""
+    for name in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(name, signal.SIG_IGN)
+    finish_saves(out)
+    return str(stop) or stop_signal_received() or "Ctrl-C"
+
+
 class StopOnSignal(keras.callbacks.Callback):
     """Raises Interrupted at the first batch end (training or validation) after SIGINT or
     SIGTERM, so that fit() ends before the epoch is logged or saved; placed last, it also

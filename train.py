@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ import modules  # noqa: E402
 from prior import PixelCNNPrior  # noqa: E402
 from monitor import (Checkpoints, Interrupted, Plots, ProgressGif, StopOnSignal,  # noqa: E402
                      WallClock, catching_stop_signals, crash_point, draw_vqvae_curves,
-                     holding_run_lock,
-                     file_sha256, finish_saves, load_checkpoint, prior_curve_drawer, read_json,
+                     holding_run_lock, settle_after_stop,
+                     file_sha256, load_checkpoint, prior_curve_drawer, read_json,
                      remove_leftovers, rewind_vqvae_outputs, stop_signal_received, trim_log,
                      write_json)
 from settings import parse_args, read_run_config  # noqa: E402
@@ -251,10 +250,7 @@ def main(argv=None):
         except dataset.DataError as error:
             sys.exit(f"error: {error}")
         except (Interrupted, KeyboardInterrupt) as stop:  # a signal, or a second one at once
-            for name in (signal.SIGINT, signal.SIGTERM):  # a third must not cut this short
-                signal.signal(name, signal.SIG_IGN)
-            finish_saves(config.out)  # a second signal may have stopped a commit half-way
-            stopped = str(stop) or stop_signal_received() or "Ctrl-C"  # the first one's name
+            stopped = settle_after_stop(config.out, stop)
             sys.exit(f"stopped by {stopped}: {saved_epochs(Path(run_out))}; "
                      f"the epoch in progress was dropped. Resume with:\n"
                      f"  python train.py --resume --out {shlex.quote(run_out)}")

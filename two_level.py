@@ -22,7 +22,6 @@ run from --out (run.json) as it reads a train.py run:
 import argparse
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ import metrics  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 from monitor import (Checkpoints, CosineOverTime, Interrupted, StopOnSignal,  # noqa: E402
-                     WallClock, catching_stop_signals, file_sha256, finish_saves,
-                     holding_run_lock, load_checkpoint, read_json, remove_leftovers,
+                     WallClock, catching_stop_signals, file_sha256, holding_run_lock,
+                     load_checkpoint, read_json, remove_leftovers, settle_after_stop,
                      stop_signal_received, trim_log, write_json)
 from prior import PixelCNNPrior  # noqa: E402
 import vqvae2  # noqa: E402
@@ -273,11 +272,8 @@ def main(argv=None):
             except dataset.DataError as error:
                 sys.exit(f"error: {error}")
             except (Interrupted, KeyboardInterrupt) as stop:  # a signal, or a second at once
-                for name in (signal.SIGINT, signal.SIGTERM):  # a third must not cut this short
-                    signal.signal(name, signal.SIG_IGN)  # (until catching_stop_signals ends)
-                finish_saves(out)  # a second signal may have stopped a commit half-way
-                sys.exit(stop_message(out, str(stop) or stop_signal_received() or "Ctrl-C",
-                                      argv, draw if args.generate else None))
+                sys.exit(stop_message(out, settle_after_stop(out, stop), argv,
+                                      draw if args.generate else None))
         if args.generate:
             try:
                 predict.main(draw)
